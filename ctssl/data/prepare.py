@@ -1,0 +1,371 @@
+"""``ctssl-prepare``: convert a DICOM tree once into a slice store that training reads fast.
+
+The run is resumable and never loses finished work: each series is written to a temp file and
+renamed into place, and only then appended to the index; a rerun skips every indexed series.
+Files that cannot be used (corrupt, truncated, non-image, non-CT, undecodable) are listed in
+``skipped.csv`` with the reason and never stop the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .dicom import PAPER_MIN_FILES, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
+from .store import (
+    HU_DTYPE, INDEX_FILE, SHARD_DIR, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, TMP_SUFFIX,
+    read_index, series_entry_is_complete, shard_relpath, write_shard_atomic, write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """A problem the user can fix (wrong path, no DICOM, changed settings): exit code 2."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Settings that shape the stored arrays; a store can only be resumed with the same ones."""
+
+    min_files: int = 1
+    size: int | None = None
+    spacing: float | None = None
+
+
+@dataclass
+class PrepareReport:
+    """What one run did."""
+
+    out_dir: str
+    series_written: int = 0
+    series_reused: int = 0
+    series_failed: int = 0
+    slices_written: int = 0
+    files_skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _SeriesJob:
+    series: CTSeries
+    out_dir: str
+    dicom_dir: str
+    settings: PrepareSettings
+
+
+@dataclass
+class _SeriesResult:
+    series: str
+    entry: dict | None
+    skipped: list[SkippedFile]
+
+
+def _to_int16(hu: np.ndarray) -> np.ndarray:
+    info = np.iinfo(HU_DTYPE)
+    return np.clip(np.rint(hu), info.min, info.max).astype(HU_DTYPE)
+
+
+def _fit_slice(hu: np.ndarray, spacing, settings: PrepareSettings):
+    """Resample to the target spacing and/or resize to the target size; returns (hu, spacing)."""
+    from .intensity import resample_to_spacing, resize_shorter_and_center_crop
+
+    if settings.spacing is not None:
+        if spacing is None:
+            raise SliceReadError("no PixelSpacing; cannot resample to --spacing")
+        hu, spacing = resample_to_spacing(hu, spacing, settings.spacing)
+    if settings.size is not None:
+        h, w = hu.shape
+        scale = settings.size / min(h, w)
+        hu = resize_shorter_and_center_crop(hu, settings.size)
+        if spacing is not None:
+            spacing = (spacing[0] * h / max(settings.size, round(h * scale)), spacing[1] * w / max(settings.size, round(w * scale)))
+    return hu, spacing
+
+
+def convert_series(job: _SeriesJob) -> _SeriesResult:
+    """Decode, convert and write one series as an int16 shard; runs in a worker process."""
+    series, settings = job.series, job.settings
+    arrays, positions, sources, skipped = [], [], [], []
+    out_spacing = None
+    for header in series.slices:
+        try:
+            hu, _ = read_slice_hu(header.path)
+            if hu.shape != (header.rows, header.columns):
+                raise SliceReadError(f"pixel array {hu.shape} does not match Rows/Columns")
+            hu, spacing = _fit_slice(hu, header.spacing, settings)
+            if arrays and hu.shape != arrays[0].shape:
+                raise SliceReadError(f"converted size {hu.shape} differs from the series' {arrays[0].shape}")
+        except SliceReadError as exc:
+            skipped.append(SkippedFile(header.path, str(exc)))
+            continue
+        except Exception as exc:  # a decoder bug must not stop the other slices
+            skipped.append(SkippedFile(header.path, f"unexpected error ({type(exc).__name__}: {exc})"))
+            continue
+        if out_spacing is None:
+            out_spacing = spacing
+        arrays.append(_to_int16(hu))
+        positions.append(header.position)
+        sources.append(os.path.relpath(header.path, job.dicom_dir))
+    if not arrays:
+        return _SeriesResult(series.series, None, skipped)
+    rel = shard_relpath(series.patient, series.series)
+    write_shard_atomic(Path(job.out_dir) / rel, np.stack(arrays))
+    entry = {
+        "patient": series.patient,
+        "study": series.study,
+        "series": series.series,
+        "shard": rel,
+        "shape": list(arrays[0].shape),
+        "spacing": [float(v) for v in out_spacing] if out_spacing is not None else None,
+        "thickness": series.slices[0].thickness,
+        "positions": positions,
+        "sources": sources,
+        "skipped": [[os.path.relpath(s.path, job.dicom_dir), s.reason] for s in skipped],
+    }
+    return _SeriesResult(series.series, entry, skipped)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class _InlineExecutor(Executor):
+    """Runs submitted calls at once in this process (workers=1: no process start-up cost)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return map(fn, *iterables)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="series" if desc.startswith("convert") else "file")
+
+
+def _check_settings(out: Path, settings: PrepareSettings) -> None:
+    info_path = out / STORE_FILE
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{info_path} is corrupt ({exc}); prepare into a new directory") from None
+        if info.get("format") != STORE_FORMAT:
+            raise UsageError(f"{out} holds something else than a ctssl slice store; choose another OUT_DIR")
+        old = info.get("settings", {})
+        if old != asdict(settings):
+            raise UsageError(
+                f"{out} was prepared with settings {old}, not {asdict(settings)}; "
+                "use the same --size/--spacing/--min-files to resume, or a new OUT_DIR"
+            )
+    elif (out / INDEX_FILE).exists():
+        raise UsageError(f"{out} has an index but no {STORE_FILE}; choose a new OUT_DIR")
+    else:
+        info = {"format": STORE_FORMAT, "version": STORE_VERSION, "dtype": np.dtype(HU_DTYPE).name,
+                "settings": asdict(settings)}
+        write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+
+
+def _remove_leftover_temp_files(out: Path) -> int:
+    removed = 0
+    for path in list((out / SHARD_DIR).rglob(f"*{TMP_SUFFIX}")) + list(out.glob(f"*{TMP_SUFFIX}")):
+        path.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted run", removed)
+    return removed
+
+
+def _load_finished(out: Path) -> dict[str, dict]:
+    """Index entries whose shard is complete; rewrites the index if any entry had to be dropped."""
+    entries = read_index(out)
+    finished = {e["series"]: e for e in entries if "series" in e and series_entry_is_complete(out, e)}
+    index_path = out / INDEX_FILE
+    raw_lines = [ln for ln in index_path.read_text(encoding="utf-8").splitlines() if ln.strip()] if index_path.exists() else []
+    if len(raw_lines) != len(finished):
+        dropped = len(raw_lines) - len(finished)
+        log.warning("%d index line(s) were incomplete or point at missing shards; those series are redone", dropped)
+        write_text_atomic(index_path, "".join(json.dumps(e) + "\n" for e in finished.values()))
+    return finished
+
+
+def _append_line(f, text: str) -> None:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def prepare_store(
+    dicom_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    min_files: int = 1,
+    size: int | None = None,
+    spacing: float | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Convert every CT series below ``dicom_dir`` into the slice store ``out_dir`` (resumable)."""
+    dicom = Path(dicom_dir)
+    out = Path(out_dir)
+    if not dicom.exists():
+        raise UsageError(f"DICOM directory {dicom} does not exist")
+    if not dicom.is_dir():
+        raise UsageError(f"{dicom} is not a directory")
+    if min_files < 1:
+        raise UsageError(f"--min-files must be at least 1, got {min_files}")
+    if size is not None and size < 1:
+        raise UsageError(f"--size must be positive, got {size}")
+    if spacing is not None and spacing <= 0:
+        raise UsageError(f"--spacing must be positive, got {spacing}")
+    out_resolved = out.resolve()
+    files = [p for p in find_files(dicom) if out_resolved not in Path(p).resolve().parents]
+    if not files:
+        raise UsageError(f"no files found in {dicom}")
+
+    settings = PrepareSettings(min_files=min_files, size=size, spacing=spacing)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings)
+    _remove_leftover_temp_files(out)
+    finished = _load_finished(out)
+    report = PrepareReport(out_dir=str(out))
+
+    if workers > 1:
+        executor: Executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+    else:
+        executor = _InlineExecutor()
+    with executor:
+        headers = list(_progress(executor.map(read_header, files, chunksize=64), len(files), "scan", progress))
+        if not any(isinstance(h, SliceHeader) for h in headers) and all(
+            h.reason == "not a DICOM file" for h in headers
+        ):
+            raise UsageError(f"no DICOM files found in {dicom} ({len(files)} other files)")
+        series_list, scan_skipped = group_series(headers, min_files=min_files)
+
+        skipped_path = out / SKIPPED_FILE
+        rows = [(s.path, s.reason) for s in scan_skipped]
+        for entry in finished.values():
+            rows.extend((str(dicom / p), r) for p, r in entry.get("skipped", []))
+        write_text_atomic(skipped_path, _csv_text([("path", "reason"), *rows]))
+        _count_skips(report, [r for _, r in rows])
+
+        if not series_list and not finished:
+            raise UsageError(
+                f"no CT series found in {dicom}: {len(scan_skipped)} file(s) skipped, reasons in {skipped_path}"
+            )
+        jobs = [_SeriesJob(s, str(out), str(dicom), settings) for s in series_list if s.series not in finished]
+        report.series_reused = sum(1 for s in series_list if s.series in finished)
+        futures = [executor.submit(convert_series, job) for job in jobs]
+        with open(out / INDEX_FILE, "a", encoding="utf-8") as index, open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
+            writer = csv.writer(skip_file)
+            for future in _progress(as_completed(futures), len(futures), "convert", progress):
+                try:
+                    result = future.result()
+                except Exception as exc:  # a crashed worker: keep what is finished, report the rest
+                    log.error("a worker failed (%s: %s); rerun ctssl-prepare to resume", type(exc).__name__, exc)
+                    report.series_failed += 1
+                    continue
+                if result.entry is not None:
+                    _append_line(index, json.dumps(result.entry) + "\n")
+                    report.series_written += 1
+                    report.slices_written += len(result.entry["positions"])
+                else:
+                    report.series_failed += 1
+                writer.writerows((s.path, s.reason) for s in result.skipped)
+                skip_file.flush()
+                _count_skips(report, [s.reason for s in result.skipped])
+    return report
+
+
+def _csv_text(rows: Sequence[Sequence[str]]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
+def _count_skips(report: PrepareReport, reasons: Iterable[str]) -> None:
+    for reason in reasons:
+        report.files_skipped += 1
+        key = reason.split(":")[0].split("(")[0].strip()
+        report.skipped_by_reason[key] = report.skipped_by_reason.get(key, 0) + 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctssl-prepare",
+        description="Convert a DICOM tree (e.g. LIDC-IDRI) once into a sharded int16 HU slice store "
+        "for fast pre-training. Resumable: a rerun skips finished series.",
+    )
+    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help="root of the DICOM tree")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="store directory (created; reused to resume)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parallel worker processes (default: CPU count, at most 8)")
+    parser.add_argument("--min-files", type=int, default=1,
+                        help=f"skip series with fewer CT files (default 1; {PAPER_MIN_FILES} reproduces the paper)")
+    parser.add_argument("--size", type=int, default=None, help="store slices resized to SIZE x SIZE pixels")
+    parser.add_argument("--spacing", type=float, default=None, help="store slices resampled to MM pixel spacing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        report = prepare_store(
+            args.dicom_dir, args.out_dir, workers=max(1, args.workers), min_files=args.min_files,
+            size=args.size, spacing=args.spacing, progress=not args.no_progress and not args.quiet,
+        )
+    except UsageError as exc:
+        print(f"ctssl-prepare: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctssl-prepare: interrupted; finished series are kept, rerun to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(
+            f"ctssl-prepare: {report.series_written} series written ({report.slices_written} slices), "
+            f"{report.series_reused} already done, {report.series_failed} failed, "
+            f"{report.files_skipped} files skipped (see {Path(args.out_dir) / SKIPPED_FILE}) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        for reason, count in sorted(report.skipped_by_reason.items(), key=lambda kv: -kv[1]):
+            print(f"  {count:6d}  {reason}")
+    return 1 if report.series_failed and not report.series_written and not report.series_reused else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

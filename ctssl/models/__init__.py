@@ -1,0 +1,6 @@
+"""Models: ResNet encoders (torchvision keys) that run densely or on masked input."""
+from .resnet import (RESNETS, BasicBlock, Bottleneck, ResNet, create_resnet, resnet18, resnet34, resnet50,
+                     resnet101, resnet152)
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "RESNETS", "create_resnet", "resnet18", "resnet34", "resnet50",
+           "resnet101", "resnet152"]

@@ -1,0 +1,204 @@
+"""ResNet-18/34/50/101/152 encoders that run densely or on SparK's masked input.
+
+Module names and parameter shapes are torchvision's (v1.5: stride on the 3x3 conv
+of a bottleneck), so torchvision and timm checkpoints load with ``strict=True`` and
+an exported backbone loads back into ``torchvision.models.resnet50``. Every layer is
+a ``ctssl.sparse.modules`` module, so the same forward code runs on a dense image
+batch or on a ``SparseTensor`` of any backend.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..sparse import PatchIndex, SparseTensor, check_images, check_mask, get_backend
+from ..sparse.backends import Backend
+from ..sparse.modules import AvgPool2d, BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> Conv2d:
+    return Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> Conv2d:
+    return Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.conv1 = conv3x3(cin, width, stride)
+        self.bn1 = BatchNorm2d(width)
+        self.relu = ReLU(inplace=True)
+        self.conv2 = conv3x3(width, width)
+        self.bn2 = BatchNorm2d(width)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 drop_path: float = 0.0):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = conv1x1(cin, width)
+        self.bn1 = BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = BatchNorm2d(width)
+        self.conv3 = conv1x1(width, cout)
+        self.bn3 = BatchNorm2d(cout)
+        self.relu = ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A torchvision-compatible ResNet whose stages can run on visible patches only.
+
+    ``forward(images)`` is the ordinary dense classifier; ``forward_features(images)``
+    returns the four stage maps (strides 4, 8, 16, 32); ``forward_masked(images,
+    active, backend)`` returns the same maps computed with SparK's masked semantics.
+    """
+
+    patch_size = 32  # total downsampling: SparK's patch size for this encoder
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
+                 in_chans: int = 3, drop_path_rate: float = 0.0, zero_init_residual: bool = False):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.bn1 = BatchNorm2d(64)
+        self.relu = ReLU(inplace=True)
+        self.maxpool = MaxPool2d(3, 2, 1)
+        total_blocks = sum(layers)
+        rates = torch.linspace(0, drop_path_rate, total_blocks).tolist() if total_blocks else []
+        start = 0
+        stages = []
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            stages.append(self._make_layer(block, width, n, 1 if i == 0 else 2, rates[start:start + n]))
+            start += n
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.feature_channels = tuple(w * block.expansion for w in (64, 128, 256, 512))
+        self.feature_strides = (4, 8, 16, 32)
+        self.num_features = self.feature_channels[-1]
+        self._init_weights(zero_init_residual)
+
+    def _make_layer(self, block, width: int, blocks: int, stride: int, rates: list[float]) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != width * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, width * block.expansion, stride),
+                                       BatchNorm2d(width * block.expansion))
+        layers = [block(self.inplanes, width, stride, downsample, rates[0] if rates else 0.0)]
+        self.inplanes = width * block.expansion
+        for i in range(1, blocks):
+            layers.append(block(self.inplanes, width, drop_path=rates[i]))
+        return nn.Sequential(*layers)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _stages(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Dense stage maps at strides 4, 8, 16, 32."""
+        return self._stages(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._stages(images)[-1]
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def forward_masked(self, images: torch.Tensor, active: torch.Tensor, backend: str | Backend = "dense",
+                       *, return_sparse: bool = False, check_finite: bool = True):
+        """SparK's sparse forward: the four stage maps computed from visible patches only.
+
+        ``active`` is a boolean ``(B, H/32, W/32)`` patch mask. Returns dense maps with
+        zeros at masked positions, or the ``SparseTensor`` maps with ``return_sparse``.
+        """
+        check_images(images, self.patch_size, check_finite)
+        check_mask(active, images, self.patch_size)
+        if images.shape[1] != self.conv1.in_channels:
+            raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {self.conv1.in_channels}")
+        be = get_backend(backend, images.device)
+        x = be.sparse_input(images, PatchIndex(active, self.patch_size))
+        maps = self._stages(x)
+        return maps if return_sparse else [m.to_dense() for m in maps]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+
+def _resnet(block, layers, **kwargs) -> ResNet:
+    return ResNet(block, layers, **kwargs)
+
+
+def resnet18(**kwargs) -> ResNet:
+    return _resnet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+    return _resnet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return _resnet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    return _resnet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+    return _resnet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101,
+           "resnet152": resnet152}
+
+
+def create_resnet(name: str, **kwargs) -> ResNet:
+    if name not in RESNETS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(RESNETS)}")
+    return RESNETS[name](**kwargs)

@@ -1,0 +1,105 @@
+"""The backend interface: the few operations a masked ResNet needs.
+
+Every backend implements the semantics of design.md section 2 (the ``dense``
+backend *is* that definition). Elementwise operations are shared here because
+they map 0 to 0 in any layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..index import PatchIndex
+from ..tensor import SparseTensor
+
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1) -> int:
+    """Check that an op keeps the patch grid aligned and return its output stride.
+
+    SparK's sparse ops require the output map to be exactly the input map divided
+    by the stride (so the same patches stay visible); anything else is refused.
+    """
+    k, s, pad, d = pair(kernel), pair(stride), pair(padding), pair(dilation)
+    p = x.patch_side
+    for axis in (0, 1):
+        if p % s[axis]:
+            raise ValueError(
+                f"{op}: stride {s[axis]} does not divide the patch side {p} at feature stride {x.stride}"
+            )
+        out = (p + 2 * pad[axis] - d[axis] * (k[axis] - 1) - 1) // s[axis] + 1
+        if out * s[axis] != p:
+            raise ValueError(
+                f"{op}: kernel {k}, stride {s}, padding {pad}, dilation {d} does not map a patch of side "
+                f"{p} onto side {p // s[axis]}; sparse ops need output size = input size / stride"
+            )
+    if s[0] != s[1]:
+        raise ValueError(f"{op}: anisotropic stride {s} is not supported")
+    return x.stride * s[0]
+
+
+class Backend:
+    """One implementation of the masked ops, selected by name."""
+
+    name: str = "?"
+    needs: str = ""  # what to install or set for this backend, shown when unavailable
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable here, else why not and what to install."""
+        return None
+
+    def check_device(self, device: torch.device) -> None:
+        """Raise a clear error if this backend cannot run on ``device``."""
+
+    # --- layout conversion -------------------------------------------------
+    def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
+        raise NotImplementedError
+
+    def to_dense(self, x: SparseTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def densify(self, x: SparseTensor, token: torch.Tensor) -> torch.Tensor:
+        """Dense ``(B, C, H, W)`` map with masked positions filled by a per-channel token."""
+        raise NotImplementedError
+
+    # --- ops ---------------------------------------------------------------
+    def conv2d(self, x, weight, bias, stride, padding, dilation, groups) -> SparseTensor:
+        raise NotImplementedError
+
+    def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                   process_group=None) -> SparseTensor:
+        raise NotImplementedError
+
+    def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
+        raise NotImplementedError
+
+    def avg_pool2d(self, x, kernel_size, stride, padding, count_include_pad=True) -> SparseTensor:
+        raise NotImplementedError
+
+    def scale_samples(self, x: SparseTensor, scale: torch.Tensor) -> SparseTensor:
+        """Multiply each image's features by ``scale[b]`` (stochastic depth)."""
+        raise NotImplementedError
+
+    # --- elementwise: 0 maps to 0, so every layout shares these ---------------
+    def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
+        return x.map(lambda v: F.relu(v, inplace=inplace))
+
+    def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
+        return x.map(lambda v: F.relu6(v, inplace=inplace))
+
+    def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
+        if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:
+            raise ValueError("can only add sparse tensors of the same batch index and stride")
+        if a.backend is not b.backend and a.backend.name != b.backend.name:
+            raise ValueError(f"cannot add tensors of backends {a.backend.name} and {b.backend.name}")
+        return a.with_values(a.values + b.values)
+
+    def __repr__(self) -> str:
+        return f"<ctssl backend {self.name!r}>"

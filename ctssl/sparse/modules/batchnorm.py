@@ -1,0 +1,95 @@
+"""BatchNorm2d over visible positions only, with the same state_dict as ``nn.BatchNorm2d``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..tensor import SparseTensor
+
+
+def _momentum_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """torch's own rule: a fixed momentum, or the cumulative average when it is None."""
+    if not (bn.training and bn.track_running_stats):
+        return 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` on dense tensors; SparK's sparse BN on a ``SparseTensor``.
+
+    Batch and running statistics come from visible positions only; the output is 0
+    at masked positions; eval mode normalises with the running statistics.
+    """
+
+    process_group = None
+
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        if x.channels != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, got {x.channels}")
+        momentum = _momentum_factor(self)
+        use_batch_stats = self.training or not self.track_running_stats
+        return x.backend.batch_norm(
+            x, self.weight, self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            use_batch_stats, momentum, self.eps,
+            process_group=self._group(),
+        )
+
+    def _group(self):
+        return None
+
+
+class SyncBatchNorm(BatchNorm2d):
+    """Sparse BN whose statistics are reduced across ``torch.distributed`` ranks.
+
+    Dense inputs use ``nn.SyncBatchNorm``'s function; sparse inputs reduce
+    (sum, sum of squares, count) of the visible positions in one all-reduce.
+    With no process group initialised it behaves like ``BatchNorm2d``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _group(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
+
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return super().forward(x)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.training:
+            return nn.SyncBatchNorm.forward(self, x)
+        return nn.BatchNorm2d.forward(self, x)
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BatchNorm2d (ctssl's or torch's) by ctssl's SyncBatchNorm, keeping its state."""
+    out = module
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
