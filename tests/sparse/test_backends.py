@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from ctssl.sparse import BackendUnavailableError, available_backends, backend_status, get_backend
+from ctssl.sparse.backends import register_backend
+
+
+def test_reference_backends_are_always_available():
+    assert {"dense", "torch"} <= set(available_backends())
+    assert get_backend("dense").name == "dense"
+    assert get_backend("torch").name == "torch"
+
+
+def test_auto_picks_torch_on_cpu():
+    assert get_backend("auto", "cpu").name == "torch"
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(BackendUnavailableError) as err:
+        get_backend("tensorrt")
+    msg = str(err.value)
+    assert "unknown backend 'tensorrt'" in msg and "torch" in msg and "spconv" in msg
+
+
+def test_unavailable_backend_says_why_and_what_to_install():
+    register_backend("missing-demo", "ctssl.sparse.backends.does_not_exist", "Nope", needs="the demo package")
+    try:
+        status = backend_status()
+        assert status["missing-demo"] == "not implemented in this version of ctssl"
+        with pytest.raises(BackendUnavailableError, match="not available.*the demo package.*Usable here"):
+            get_backend("missing-demo")
+    finally:
+        from ctssl.sparse import backends
+        backends._REGISTRY.pop("missing-demo")
+
+
+def test_backend_name_type_is_checked():
+    with pytest.raises(TypeError, match="backend must be"):
+        get_backend(3)
+
+
+def test_cli_lists_backends(capsys):
+    from ctssl.cli import backends
+    assert backends([]) == 0
+    out = capsys.readouterr().out
+    assert "dense      available" in out and "torch      available" in out
