@@ -367,17 +367,45 @@ def _transfer_syntax_name(uid: str) -> str:
         return uid
 
 
+def _syntax_kind(syntax: str) -> str:
+    """"native" (uncompressed), "compressed", or "unknown" for a transfer syntax UID."""
+    if not syntax:
+        return "native"  # no file meta: pydicom assumes implicit VR little endian
+    try:
+        uid = pydicom.uid.UID(syntax)
+        if not uid.is_transfer_syntax:
+            return "unknown"
+        return "compressed" if uid.is_compressed else "native"
+    except ValueError:  # pydicom 2 raises for private UIDs
+        return "unknown"
+
+
 def decode_failure_reason(syntax: str, exc: BaseException) -> str:
     """A skip reason for pixel data that could not be decoded, with what to install."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    name = _transfer_syntax_name(syntax)
-    uid = pydicom.uid.UID(syntax) if syntax else None
-    if uid is not None and uid.is_transfer_syntax and uid.is_compressed:
+    kind = _syntax_kind(syntax)
+    if kind == "compressed":
         hint = _DECODER_HINTS.get(syntax, _GENERIC_DECODER_HINT)
-        return f"cannot decode {name} ({syntax}) pixel data: {message}; install a decoder: {hint}"
-    if uid is not None and not uid.is_transfer_syntax:
+        return f"cannot decode {_transfer_syntax_name(syntax)} ({syntax}) pixel data: {message}; install a decoder: {hint}"
+    if kind == "unknown":
         return f"unsupported transfer syntax {syntax}: {message}; {_GENERIC_DECODER_HINT}"
-    return f"corrupt pixel data ({name}): {message}"
+    return f"corrupt pixel data ({_transfer_syntax_name(syntax)}): {message}"
+
+
+def _check_native_length(ds: pydicom.Dataset, syntax: str) -> None:
+    """Uncompressed pixel data shorter than Rows x Columns x BitsAllocated means a cut-off file."""
+    if _syntax_kind(syntax) != "native":
+        return
+    rows, cols = _optional_int(ds.get("Rows")) or 0, _optional_int(ds.get("Columns")) or 0
+    bits = _optional_int(ds.get("BitsAllocated")) or 16
+    samples = _optional_int(ds.get("SamplesPerPixel")) or 1
+    expected = rows * cols * samples * bits // 8
+    try:
+        actual = len(ds.PixelData)
+    except Exception as exc:
+        raise SliceReadError(f"unreadable pixel data ({type(exc).__name__}: {exc})") from exc
+    if actual < expected:
+        raise SliceReadError(f"truncated pixel data: {actual} of {expected} bytes")
 
 
 def read_slice_hu(path: str) -> tuple[np.ndarray, pydicom.Dataset]:
@@ -390,15 +418,12 @@ def read_slice_hu(path: str) -> tuple[np.ndarray, pydicom.Dataset]:
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if "PixelData" not in ds:
         raise SliceReadError("no pixel data (not an image, or the file is truncated)")
+    _check_native_length(ds, syntax)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, OSError, EOFError) as exc:
-        if isinstance(exc, ValueError) and "less than expected" in str(exc):
-            raise SliceReadError(f"truncated pixel data: {exc}") from exc
-        raise SliceReadError(decode_failure_reason(syntax, exc)) from exc
-    except Exception as exc:  # decoders raise their own error types
+    except Exception as exc:  # handlers and decoders raise many error types
         raise SliceReadError(decode_failure_reason(syntax, exc)) from exc
     if raw.ndim != 2:
         raise SliceReadError(f"expected one grey 2-D frame, got pixel array of shape {raw.shape}")

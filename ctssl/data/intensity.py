@@ -6,11 +6,12 @@ Windowed modes are offered for fine-tuning and ablations. Every mode returns flo
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     # name: (level, width) in HU, the usual radiology reading windows
@@ -76,24 +77,56 @@ def apply_intensity(hu: np.ndarray, mode: IntensityMode = "raw") -> np.ndarray:
 
 
 def _as_tensor(image) -> tuple[torch.Tensor, bool]:
+    import torch  # imported here: DICOM-only worker processes never need torch
+
     if isinstance(image, torch.Tensor):
         return image, False
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), True
 
 
+def linear_resize_matrix(in_size: int, out_size: int, antialias: bool = True) -> np.ndarray:
+    """(out_size, in_size) weights of bilinear resizing along one axis (align_corners=False).
+
+    When shrinking with ``antialias`` the triangle filter widens with the scale so every input
+    pixel contributes (as torch's ``antialias=True`` and Pillow do); otherwise it is plain
+    linear interpolation with edge clamping.
+    """
+    scale = in_size / out_size
+    support = scale if (antialias and scale > 1.0) else 1.0
+    centres = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    inputs = np.arange(in_size, dtype=np.float64) + 0.5
+    weights = np.clip(1.0 - np.abs(inputs[None, :] - centres[:, None]) / support, 0.0, None)
+    return (weights / weights.sum(1, keepdims=True)).astype(np.float32)
+
+
 def resize_image(image, size: Sequence[int] | int, antialias: bool = True):
-    """Bilinear resize of (H, W) or (C, H, W) to ``size`` (int = square); numpy in, numpy out."""
+    """Bilinear resize of (H, W) or (C, H, W) to ``size`` (int = square), antialiased when shrinking.
+
+    numpy arrays are resized with numpy (no torch import: ctssl-prepare workers stay light),
+    torch tensors with ``torch.nn.functional.interpolate``; both give the same values.
+    """
     out_hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-    tensor, was_numpy = _as_tensor(image)
+    if not isinstance(image, np.ndarray):
+        return _resize_tensor(image, out_hw, antialias)
+    image = np.asarray(image, dtype=np.float32)
+    if tuple(image.shape[-2:]) == out_hw:
+        return image
+    rows = linear_resize_matrix(image.shape[-2], out_hw[0], antialias)
+    cols = linear_resize_matrix(image.shape[-1], out_hw[1], antialias)
+    return np.ascontiguousarray(np.matmul(np.matmul(rows, image), cols.T), dtype=np.float32)
+
+
+def _resize_tensor(tensor, out_hw: tuple[int, int], antialias: bool):
+    import torch
+    import torch.nn.functional as F
+
     if tuple(tensor.shape[-2:]) == out_hw:
-        result = tensor.to(torch.float32)
-    else:
-        squeeze = tensor.dim() == 2
-        batch = tensor.to(torch.float32).reshape(1, -1, *tensor.shape[-2:])
-        down = out_hw[0] < tensor.shape[-2] or out_hw[1] < tensor.shape[-1]
-        result = F.interpolate(batch, size=out_hw, mode="bilinear", align_corners=False, antialias=antialias and down)
-        result = result[0, 0] if squeeze else result[0]
-    return result.numpy() if was_numpy else result
+        return tensor.to(torch.float32)
+    squeeze = tensor.dim() == 2
+    batch = tensor.to(torch.float32).reshape(1, -1, *tensor.shape[-2:])
+    down = out_hw[0] < tensor.shape[-2] or out_hw[1] < tensor.shape[-1]
+    result = F.interpolate(batch, size=out_hw, mode="bilinear", align_corners=False, antialias=antialias and down)
+    return result[0, 0] if squeeze else result[0]
 
 
 def resample_to_spacing(
@@ -129,6 +162,8 @@ def resize_shorter_and_center_crop(image, size: int):
 
 def to_channels(image, channels: int = 1) -> torch.Tensor:
     """(H, W) grey image to a float32 tensor (channels, H, W); grey is copied for 3 channels."""
+    import torch
+
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     tensor, _ = _as_tensor(image)

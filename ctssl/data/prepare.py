@@ -4,6 +4,9 @@ The run is resumable and never loses finished work: each series is written to a 
 renamed into place, and only then appended to the index; a rerun skips every indexed series.
 Files that cannot be used (corrupt, truncated, non-image, non-CT, undecodable) are listed in
 ``skipped.csv`` with the reason and never stop the run.
+
+A series counts as finished by its SeriesInstanceUID: files added to it later are not picked up
+by a rerun (delete its line from ``index.jsonl`` to redo it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import multiprocessing
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +34,10 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+_SCAN_CHUNK = 64
+"""Files per header-reading task; trees of fewer than two chunks are scanned in-process."""
 
 
 class UsageError(Exception):
@@ -138,27 +146,38 @@ def convert_series(job: _SeriesJob) -> _SeriesResult:
     return _SeriesResult(series.series, entry, skipped)
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-class _InlineExecutor(Executor):
-    """Runs submitted calls at once in this process (workers=1: no process start-up cost)."""
+@contextmanager
+def _single_threaded_children():
+    """Worker processes inherit one-thread BLAS/OpenMP settings: the processes are the parallelism."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    def submit(self, fn, /, *args, **kwargs):
-        from concurrent.futures import Future
 
-        future: Future = Future()
+def _converted(pool: Executor | None, jobs: Sequence[_SeriesJob]):
+    """Yield each job's result (or the exception it raised) as soon as it is done."""
+    if pool is None:
+        for job in jobs:
+            try:
+                yield convert_series(job)
+            except Exception as exc:
+                yield exc
+        return
+    for future in as_completed([pool.submit(convert_series, job) for job in jobs]):
         try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-        return future
-
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
-        return map(fn, *iterables)
+            yield future.result()
+        except Exception as exc:  # e.g. BrokenProcessPool when a decoder crashed a worker
+            yield exc
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
@@ -256,14 +275,24 @@ def prepare_store(
     finished = _load_finished(out)
     report = PrepareReport(out_dir=str(out))
 
-    if workers > 1:
-        executor: Executor = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
-        )
-    else:
-        executor = _InlineExecutor()
-    with executor:
-        headers = list(_progress(executor.map(read_header, files, chunksize=64), len(files), "scan", progress))
+    with ExitStack() as stack:
+        pool: list[Executor] = []
+
+        def executor(n_tasks: int) -> Executor | None:
+            """Worker processes once there is enough work for them; None: run in this process."""
+            if workers <= 1 or n_tasks <= 1:
+                return None
+            if not pool:
+                stack.enter_context(_single_threaded_children())
+                # spawn, not fork: safe whatever threads the parent runs; workers import no torch
+                pool.append(stack.enter_context(
+                    ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+                ))
+            return pool[0]
+
+        scan = executor(len(files) // _SCAN_CHUNK)
+        mapped = map(read_header, files) if scan is None else scan.map(read_header, files, chunksize=_SCAN_CHUNK)
+        headers = list(_progress(mapped, len(files), "scan", progress))
         if not any(isinstance(h, SliceHeader) for h in headers) and all(
             h.reason == "not a DICOM file" for h in headers
         ):
@@ -283,14 +312,13 @@ def prepare_store(
             )
         jobs = [_SeriesJob(s, str(out), str(dicom), settings) for s in series_list if s.series not in finished]
         report.series_reused = sum(1 for s in series_list if s.series in finished)
-        futures = [executor.submit(convert_series, job) for job in jobs]
+        results = _converted(executor(len(jobs)), jobs)
         with open(out / INDEX_FILE, "a", encoding="utf-8") as index, open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
             writer = csv.writer(skip_file)
-            for future in _progress(as_completed(futures), len(futures), "convert", progress):
-                try:
-                    result = future.result()
-                except Exception as exc:  # a crashed worker: keep what is finished, report the rest
-                    log.error("a worker failed (%s: %s); rerun ctssl-prepare to resume", type(exc).__name__, exc)
+            for result in _progress(results, len(jobs), "convert", progress):
+                if isinstance(result, Exception):  # keep what is finished, report the rest
+                    log.error("converting a series failed (%s: %s); rerun ctssl-prepare to resume",
+                              type(result).__name__, result)
                     report.series_failed += 1
                     continue
                 if result.entry is not None:

@@ -141,6 +141,7 @@ class SliceStore:
         )
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._records: list[SliceRecord] | None = None
 
     def __len__(self) -> int:
         return int(self._series_of.shape[0])
@@ -151,6 +152,7 @@ class SliceStore:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_records"] = None
         return state
 
     def _check_index(self, i: int) -> int:
@@ -198,8 +200,10 @@ class SliceStore:
 
     @property
     def records(self) -> list[SliceRecord]:
-        """Metadata of every slice, in store order."""
-        return [self.record(i) for i in range(len(self))]
+        """Metadata of every slice, in store order (built once, not pickled to workers)."""
+        if self._records is None:
+            self._records = [self.record(i) for i in range(len(self))]
+        return self._records
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):

@@ -1,0 +1,218 @@
+"""ctssl-prepare: bad input never stops the run, every skip is reported, reruns resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctssl.data.dicom import read_slice_hu, scan_dicom_tree
+from ctssl.data.prepare import main, prepare_store
+from ctssl.data.store import INDEX_FILE, SKIPPED_FILE, SliceStore
+
+from .helpers import (
+    copy_testdata, decoder_available, series_dirs, write_resized_slice, write_truncated,
+    write_with_transfer_syntax, write_without_pixels,
+)
+
+
+def skipped_rows(out: Path) -> dict[str, str]:
+    with open(out / SKIPPED_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {Path(r["path"]).name: r["reason"] for r in rows}
+
+
+def index_lines(out: Path) -> list[str]:
+    return [ln for ln in (out / INDEX_FILE).read_text().splitlines() if ln.strip()]
+
+
+def shard_mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "shards").rglob("*.npy")}
+
+
+def test_store_holds_the_same_hu_as_the_reader(phantom_tree, tmp_path):
+    out = tmp_path / "store"
+    assert main([str(phantom_tree), str(out), "--workers", "1", "--no-progress"]) == 0
+    store = SliceStore(out)
+    series, _ = scan_dicom_tree(phantom_tree)
+    assert len(store) == sum(len(s.slices) for s in series) == 24
+    by_source = {r.source: i for i, r in enumerate(store.records)}
+    for s in series:
+        for h in s.slices:
+            i = by_source[os.path.relpath(h.path, phantom_tree)]
+            expected, _ = read_slice_hu(h.path)
+            got = store.read_hu(i)
+            assert got.dtype == np.int16
+            np.testing.assert_array_equal(got, expected.astype(np.int16))
+            rec = store.record(i)
+            assert rec.position == pytest.approx(h.position)
+            assert rec.spacing == pytest.approx(h.spacing)
+            assert rec.patient == s.patient and rec.series == s.series
+    assert (out / SKIPPED_FILE).read_text().strip() == "path,reason"
+
+
+def test_bad_files_are_reported_and_the_rest_is_prepared(phantom_tree, tmp_path, capsys):
+    first, second, third = series_dirs(phantom_tree)
+    good = sorted(first.glob("*.dcm"))
+    write_truncated(good[0], first / "truncated.dcm")
+    good[0].unlink()  # the truncated copy replaces a slice
+    write_without_pixels(good[1], first / "nopixels.dcm")
+    write_resized_slice(good[2], first / "small.dcm", 32)
+    write_with_transfer_syntax(good[3], second / "weird_syntax.dcm", "1.2.3.4.5.6.7")
+    write_with_transfer_syntax(good[4], second / "jpegls.dcm", "1.2.840.10008.1.2.4.80", encapsulate=True)
+    copy_testdata("MR_small.dcm", third / "mr.dcm")
+    (third / "annotations.xml").write_text("<LidcReadMessage/>")
+    (phantom_tree / "empty.dcm").write_bytes(b"")
+
+    out = tmp_path / "store"
+    assert main([str(phantom_tree), str(out), "--workers", "1", "--no-progress"]) == 0
+    reasons = skipped_rows(out)
+    assert reasons["truncated.dcm"].startswith("truncated pixel data")
+    assert reasons["nopixels.dcm"].startswith("no pixel data")
+    assert reasons["small.dcm"] == "slice size 32x32 differs from the series' 48x48"
+    assert reasons["weird_syntax.dcm"].startswith("unsupported transfer syntax 1.2.3.4.5.6.7")
+    assert "JPEG-LS" in reasons["jpegls.dcm"]
+    if not decoder_available("1.2.840.10008.1.2.4.80"):
+        assert "pip install" in reasons["jpegls.dcm"]
+    assert reasons["mr.dcm"] == "modality MR, not CT"
+    assert reasons["annotations.xml"] == "not a DICOM file"
+    assert reasons["empty.dcm"] in ("not a DICOM file",) or reasons["empty.dcm"].startswith("unreadable")
+    assert len(reasons) == 8
+
+    store = SliceStore(out)
+    assert len(store.series) == 3
+    assert len(store) == 24 - 1  # only the truncated slice is missing; the rest is intact
+    counts = sorted(len(e["positions"]) for e in store.series)
+    assert counts == [7, 8, 8]
+    summary = capsys.readouterr().out
+    assert "3 series written (23 slices)" in summary and "8 files skipped" in summary
+
+
+def test_min_files_skips_short_series(phantom_tree, tmp_path):
+    first = series_dirs(phantom_tree)[0]
+    for p in sorted(first.glob("*.dcm"))[:5]:
+        p.unlink()
+    out = tmp_path / "store"
+    report = prepare_store(phantom_tree, out, min_files=4, progress=False)
+    assert report.series_written == 2
+    reasons = list(skipped_rows(out).values())
+    assert len(reasons) == 3 and all(r == "series has 3 CT files, fewer than min_files=4" for r in reasons)
+
+
+def test_user_errors_exit_with_code_2(tmp_path, capsys):
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no files found" in capsys.readouterr().err
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "readme.txt").write_text("hello")
+    assert main([str(tmp_path / "text"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no DICOM files found" in capsys.readouterr().err
+    (tmp_path / "mr").mkdir()
+    copy_testdata("MR_small.dcm", tmp_path / "mr" / "mr.dcm")
+    assert main([str(tmp_path / "mr"), str(tmp_path / "out2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no CT series found" in err and "skipped.csv" in err
+    assert "modality MR, not CT" in (tmp_path / "out2" / SKIPPED_FILE).read_text()
+
+
+def test_rerun_skips_finished_series(phantom_tree, tmp_path):
+    out = tmp_path / "store"
+    first = prepare_store(phantom_tree, out, progress=False)
+    assert (first.series_written, first.series_reused) == (3, 0)
+    before = shard_mtimes(out)
+    lines_before = index_lines(out)
+    second = prepare_store(phantom_tree, out, progress=False)
+    assert (second.series_written, second.series_reused) == (0, 3)
+    assert shard_mtimes(out) == before
+    assert index_lines(out) == lines_before
+
+
+def test_interrupted_series_is_redone(phantom_tree, tmp_path):
+    out = tmp_path / "store"
+    prepare_store(phantom_tree, out, progress=False)
+    lines = index_lines(out)
+    lost = json.loads(lines[-1])
+    # simulate a crash while that series was being written: no index line, a leftover temp file,
+    # and (worst case) a stale shard
+    (out / INDEX_FILE).write_text("\n".join(lines[:-1]) + "\n")
+    shard = out / lost["shard"]
+    tmp = shard.with_name(shard.name + ".tmp")
+    tmp.write_bytes(b"partial")
+    np.save(shard, np.zeros((1, 2, 2), np.int16))
+    before = shard_mtimes(out)
+
+    report = prepare_store(phantom_tree, out, progress=False)
+    assert (report.series_written, report.series_reused) == (1, 2)
+    assert not tmp.exists()
+    after = shard_mtimes(out)
+    changed = {k for k in after if after[k] != before[k]}
+    assert changed == {lost["shard"]}
+    assert np.load(shard).shape == (8, 48, 48)
+    assert len(index_lines(out)) == 3
+    assert len(SliceStore(out)) == 24
+
+
+def test_torn_index_line_and_missing_shard_are_redone(phantom_tree, tmp_path):
+    out = tmp_path / "store"
+    prepare_store(phantom_tree, out, progress=False)
+    lines = index_lines(out)
+    (out / INDEX_FILE).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    gone = json.loads(lines[0])["shard"]
+    (out / gone).unlink()
+    report = prepare_store(phantom_tree, out, progress=False)
+    assert (report.series_written, report.series_reused) == (2, 1)
+    assert len(index_lines(out)) == 3 and all(json.loads(ln) for ln in index_lines(out))
+    assert len(SliceStore(out)) == 24
+
+
+def test_changed_settings_refuse_to_resume(phantom_tree, tmp_path, capsys):
+    out = tmp_path / "store"
+    assert main([str(phantom_tree), str(out), "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main([str(phantom_tree), str(out), "--no-progress", "--workers", "1", "--size", "32"]) == 2
+    assert "prepared with settings" in capsys.readouterr().err
+
+
+def test_parallel_workers_with_size_and_spacing(phantom_tree, tmp_path):
+    out = tmp_path / "store"
+    report = prepare_store(phantom_tree, out, workers=2, size=32, spacing=5.0, progress=False)
+    assert report.series_written == 3
+    store = SliceStore(out)
+    assert len(store) == 24
+    rec = store.record(0)
+    # 48 px at 7.5 mm -> 72 px at 5 mm, then resized to 32 px: 360 mm / 32 = 11.25 mm
+    assert rec.shape == (32, 32)
+    assert rec.spacing == pytest.approx((11.25, 11.25))
+    hu = store.read_hu(0)
+    assert hu.shape == (32, 32) and hu.dtype == np.int16
+    assert hu.min() >= -1024 and hu.max() > 0
+
+
+def test_a_failing_series_does_not_lose_the_others(phantom_tree, tmp_path, monkeypatch, caplog):
+    import ctssl.data.prepare as prepare_module
+
+    real_write = prepare_module.write_shard_atomic
+    calls = []
+
+    def flaky_write(path, array):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(path, array)
+
+    monkeypatch.setattr(prepare_module, "write_shard_atomic", flaky_write)
+    out = tmp_path / "store"
+    report = prepare_store(phantom_tree, out, progress=False)
+    assert (report.series_written, report.series_failed) == (2, 1)
+    assert "disk full" in caplog.text and "rerun ctssl-prepare to resume" in caplog.text
+    assert len(index_lines(out)) == 2
+    monkeypatch.setattr(prepare_module, "write_shard_atomic", real_write)
+    again = prepare_store(phantom_tree, out, progress=False)
+    assert (again.series_written, again.series_reused, again.series_failed) == (1, 2, 0)
+    assert len(SliceStore(out)) == 24
