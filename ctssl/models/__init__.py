@@ -4,3 +4,7 @@ from .resnet import (RESNETS, BasicBlock, Bottleneck, ResNet, create_resnet, res
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "RESNETS", "create_resnet", "resnet18", "resnet34", "resnet50",
            "resnet101", "resnet152"]
+from .decoder import LightDecoder  # noqa: E402
+from .heads import MLPHead, Prototypes  # noqa: E402
+
+__all__ += ["LightDecoder", "MLPHead", "Prototypes"]
