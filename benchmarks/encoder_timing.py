@@ -1,0 +1,311 @@
+"""Time the masked ResNet encoder (fwd+bwd) on every backend, with peak memory, in one run.
+
+The measurement behind the headline claim: the packed backends against plain dense
+(cuDNN, no mask) and SparK's dense emulation, at several mask ratios, on one card in
+one process. Timing is done with CUDA events around each step after a warm-up, the
+median of ``--iters`` steps, rotating among ``--rotate`` input sets; peak memory is
+``max_memory_allocated`` above the warmed-up baseline. Every backend runs the same
+weights on the same inputs, and the loss of its first step is compared with the
+dense emulation's as a sanity check (a wrong backend must not look fast).
+
+Results are written after every configuration, so a run cut short keeps what it
+measured. Example (what ``gpu_check.sh`` runs)::
+
+    python benchmarks/encoder_timing.py --arch resnet50 --batch 128 --size 224 \\
+        --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last \\
+        --json out/encoder_timing.json --markdown out/encoder_timing.md
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import gc
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from bench_config import (CPU_NO_BACKWARD, CPU_NOT_TIMED, EMULATION, NOMASK, PROFILE, backend_names, device_name,  # noqa: E402
+                          registry_status, versions)
+from bench_timing import event_times_ms, peak_memory_bytes, summary_ms, synchronize, torch_threads  # noqa: E402
+
+FORMAT = "ctssl-encoder-timing/1"
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+LOSS_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 1e-3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--mask-ratios", default="0.6,0.3,0.9", help="comma-separated, timed in this order")
+    ap.add_argument("--backends", default="all",
+                    help=f"comma-separated names or 'all' ({NOMASK}, {EMULATION} and every registered backend)")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16", help="autocast dtype (fp32: none)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
+    ap.add_argument("--spark", action="store_true",
+                    help="also time a whole SparK step per backend at the first mask ratio (needs ctssl.ssl)")
+    ap.add_argument("--decoder-width", type=int, default=768)
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads while timing (default: 1 on a CPU, unchanged on a GPU)")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="stop starting new configurations after this many seconds (0: no limit)")
+    ap.add_argument("--json", required=True, help="output JSON path")
+    ap.add_argument("--markdown", help="output Markdown path")
+    args = ap.parse_args(argv)
+    try:
+        args.ratios = [float(r) for r in args.mask_ratios.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--mask-ratios must be comma-separated numbers, got {args.mask_ratios!r}")
+    if not args.ratios or not all(0.0 <= r < 1.0 for r in args.ratios):
+        ap.error(f"--mask-ratios must lie in [0, 1), got {args.mask_ratios!r}")
+    if args.size % 32:
+        ap.error(f"--size must be a multiple of 32 (the patch size), got {args.size}")
+    if min(args.batch, args.iters, args.rotate) < 1 or args.warmup < 0:
+        ap.error("--batch, --iters and --rotate must be positive, --warmup non-negative")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA GPU")
+    return args
+
+
+def pick_backends(spec: str) -> list[str]:
+    names = backend_names()
+    if spec == "all":
+        return names
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise SystemExit(f"encoder_timing: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    return wanted
+
+
+def make_profile(args):
+    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+                          else "cpu")
+    return dataclasses.replace(
+        PROFILE, device=device, model_batch=args.batch, model_size=args.size, encoder=args.arch,
+        amp_dtype=PRECISIONS[args.precision], channels_last=args.channels_last, rotate=args.rotate,
+        decoder_width=args.decoder_width)
+
+
+def why_not(name: str, device: torch.device) -> str | None:
+    """None if ``name`` can be timed here, else the reason."""
+    if name == NOMASK:
+        return None
+    reason = registry_status().get(name)
+    if reason is not None:
+        return f"unavailable: {reason}"
+    if device.type == "cpu" and name in CPU_NOT_TIMED:
+        return CPU_NOT_TIMED[name]
+    if device.type == "cpu" and name in CPU_NO_BACKWARD:
+        return CPU_NO_BACKWARD[name]
+    try:
+        from ctssl.sparse import get_backend
+        get_backend(name, device)
+    except Exception as exc:  # noqa: BLE001 - report any refusal as the reason
+        return f"cannot run on {device}: {exc}"
+    return None
+
+
+def time_one(build, args, profile) -> dict[str, Any]:
+    """Build a workload, check its first loss, time it, measure its peak memory."""
+    with torch_threads(args.threads if args.threads is not None else (1 if profile.device.type == "cpu" else None)):
+        return _time_one(build, args, profile)
+
+
+def _time_one(build, args, profile) -> dict[str, Any]:
+    device = profile.device
+    work = build()
+    loss = float(work.step(work.inputs[0]))
+    synchronize(device)
+    times, wall_ms = event_times_ms(work.step, work.inputs, device=device, iters=args.iters, warmup=args.warmup)
+    peak = peak_memory_bytes(lambda: work.step(work.inputs[0]), device)
+    stats = summary_ms(times)
+    row = {**work.info, **stats, "times_ms": times, "wall_ms_per_step": wall_ms,
+           "images_per_s": work.images / (stats["median_ms"] / 1e3) if stats["median_ms"] > 0 else None,
+           "peak_mem_bytes": peak, "loss": loss, "loss_finite": math.isfinite(loss), "status": "ok"}
+    return row
+
+
+def machine_block(profile) -> dict[str, Any]:
+    return {"device": str(profile.device), "device_name": device_name(profile.device), "versions": versions(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "backend_status": {k: ("available" if v is None else v) for k, v in registry_status().items()},
+            "git_commit": os.environ.get("CTSSL_GIT_COMMIT", "unknown")}
+
+
+def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
+    """Speed-ups against the two baselines and the loss check against the emulation."""
+    def key(r):
+        return (r.get("case_kind"), r.get("mask_ratio"))
+    ok = [r for r in rows if r.get("status") == "ok"]
+    nomask = {r.get("case_kind"): r for r in ok if r["backend"] == NOMASK}
+    emulation = {key(r): r for r in ok if r["backend"] == EMULATION}
+    for r in ok:
+        base = nomask.get(r.get("case_kind"))
+        if base is not None:
+            r["speedup_vs_nomask"] = base["median_ms"] / r["median_ms"]
+        emu = emulation.get(key(r))
+        if emu is not None and r["backend"] != NOMASK:
+            r["speedup_vs_emulation"] = emu["median_ms"] / r["median_ms"]
+            if emu["loss"] != 0:
+                r["loss_rel_diff_vs_emulation"] = abs(r["loss"] - emu["loss"]) / abs(emu["loss"])
+                r["loss_check"] = "ok" if r["loss_rel_diff_vs_emulation"] <= LOSS_TOLERANCE[precision] else "MISMATCH"
+
+
+def fmt(v, spec: str = ".2f", empty: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return empty
+    return format(v, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [f"# Encoder timing on {m['device_name']}", "",
+             f"- date: {m['date']}", f"- command: `{m['command']}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+             f"- git commit: {m['git_commit']}",
+             f"- workload: {c['arch']} fwd+bwd, batch {c['batch']}, {c['size']} px, "
+             f"{'fp32 (no autocast)' if c['precision'] == 'fp32' else c['precision'] + ' autocast'}"
+             f"{', channels-last' if c['channels_last'] else ''}; median of {c['iters']} steps after "
+             f"{c['warmup']} warm-up steps, {c['rotate']} rotating input sets; "
+             f"{'CUDA events' if m['device'].startswith('cuda') else 'host clock (CPU)'}",
+             "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)", "",
+             "| case | backend | mask ratio | visible | median ms | IQR ms | wall ms/step | images/s | peak GiB "
+             "| vs dense-nomask | vs emulation | loss vs emulation |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        if r.get("status") != "ok":
+            continue
+        peak = r.get("peak_mem_bytes")
+        check = ""
+        if "loss_rel_diff_vs_emulation" in r:
+            check = f"{r['loss_rel_diff_vs_emulation']:.1e} {r['loss_check']}"
+        lines.append(
+            f"| {r['case']} | {r['backend']} | {fmt(r['mask_ratio'], '.2f', '-')} | {fmt(r['visible_fraction'], '.2f')} "
+            f"| {r['median_ms']:.2f} | {r['q3_ms'] - r['q1_ms']:.2f} | {r['wall_ms_per_step']:.2f} "
+            f"| {fmt(r['images_per_s'], '.4g')} | {fmt(None if peak is None else peak / 2 ** 30, '.2f', 'n/a')} "
+            f"| {times(r.get('speedup_vs_nomask'))} | {times(r.get('speedup_vs_emulation'))} | {check} |")
+    # one line per (backend, status, reason): the same reason is not repeated for every ratio
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for r in result["results"]:
+        if r.get("status") != "ok":
+            where = f"{r.get('case', '?')} mask {fmt(r.get('mask_ratio'), '.2f', '-')}"
+            seen.setdefault((r["backend"], r["status"], r["reason"]), []).append(where)
+    if seen:
+        lines += ["", "Not timed:", ""]
+        lines += [f"- {backend}, {status} ({'; '.join(wheres)}): {reason}"
+                  for (backend, status, reason), wheres in seen.items()]
+    return "\n".join(lines) + "\n"
+
+
+def times(v) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def write(result, args) -> None:
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
+
+
+def plan(args, names):
+    """(case_kind, backend, mask ratio) in the order they are timed: most important first."""
+    jobs = []
+    for i, ratio in enumerate(args.ratios):
+        for name in names:
+            if name == NOMASK:
+                if i == 0:
+                    jobs.append(("encoder", name, None))
+            else:
+                jobs.append(("encoder", name, ratio))
+    if args.spark:
+        jobs += [("spark", name, args.ratios[0]) for name in names if name != NOMASK]
+    return jobs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bench_model_cases import encoder_workload, spark_workload
+
+    profile = make_profile(args)
+    names = pick_backends(args.backends)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    result = {"format": FORMAT, "machine": machine_block(profile),
+              "config": {"arch": args.arch, "batch": args.batch, "size": args.size, "precision": args.precision,
+                         "channels_last": args.channels_last, "warmup": args.warmup, "iters": args.iters,
+                         "rotate": args.rotate, "mask_ratios": args.ratios, "decoder_width": args.decoder_width},
+              "results": []}
+    print(f"encoder_timing: {result['machine']['device_name']}, {args.arch} batch {args.batch} @ {args.size}px, "
+          f"{args.precision}, backends {', '.join(names)}", flush=True)
+    start = time.monotonic()
+    from ctssl.sparse import get_backend
+    for kind, name, ratio in plan(args, names):
+        base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,
+                "case": f"{args.arch} encoder fwdbwd" if kind == "encoder"
+                else f"SparK step ({args.arch}, decoder {args.decoder_width})"}
+        reason = why_not(name, profile.device)
+        if reason is None and kind == "spark":
+            try:
+                importlib.import_module("ctssl.ssl")
+            except ImportError as exc:
+                reason = f"ctssl.ssl not importable: {exc}"
+        if reason is None and args.deadline_s and time.monotonic() - start > args.deadline_s:
+            reason = f"deadline of {args.deadline_s:.0f}s reached before this configuration"
+        if reason is not None:
+            result["results"].append({**base, "status": "skipped", "reason": reason})
+            print(f"  skip {kind} {name} mask {ratio}: {reason}", flush=True)
+            write(result, args)
+            continue
+        backend = None if name == NOMASK else get_backend(name, profile.device)
+        if kind == "encoder":
+            def build():
+                return encoder_workload(profile, backend, ratio)
+        else:
+            def build():
+                return spark_workload(profile, backend, ratio)
+        t0 = time.monotonic()
+        try:
+            row = {**base, **time_one(build, args, profile)}
+            print(f"  {kind:7s} {name:12s} mask {fmt(ratio, '.2f', '-'):>4s}: median {row['median_ms']:8.2f} ms, "
+                  f"peak {fmt(None if row['peak_mem_bytes'] is None else row['peak_mem_bytes'] / 2 ** 30, '.2f', 'n/a')}"
+                  f" GiB, loss {row['loss']:.5g} ({time.monotonic() - t0:.0f}s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not end the whole run
+            row = {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc(limit=8)}
+            print(f"  ERROR {kind} {name} mask {ratio}: {type(exc).__name__}: {exc}", flush=True)
+        result["results"].append(row)
+        add_comparisons(result["results"], args.precision)
+        write(result, args)
+        gc.collect()
+        if profile.device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_comparisons(result["results"], args.precision)
+    write(result, args)
+    print(markdown(result), flush=True)
+    bad = [r for r in result["results"] if r.get("status") == "error" or r.get("loss_check") == "MISMATCH"
+           or (r.get("status") == "ok" and not r.get("loss_finite", True))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent H100/H200: build, test, time, sanitize. At most 8.5 minutes.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+#   CTSSL_GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # CPU rehearsal of the pipeline, tiny sizes
+#
+# Stages (each under its own `timeout`, all inside CTSSL_GPU_CHECK_BUDGET_S, default 510 s; give the
+# device call timeout_s=570):
+#   env        nvidia-smi, python/torch/triton/nvcc versions, git commit
+#   wheels     pip install --target of any wheels carried in .whl/ (spconv-triton, say)
+#   build      pip install --no-build-isolation --no-deps -e . (CUDA_HOME, TORCH_CUDA_ARCH_LIST=9.0)
+#   tests      pytest -m gpu tests/, then tests/triton (every GPU kernel against its reference)
+#   timing     benchmarks/encoder_timing.py: ResNet-50 fwd+bwd, batch 128, 224 px, bf16 autocast,
+#              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
+#              plain dense (no mask), CUDA events, peak memory; then a SparK step per backend
+#   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
+#   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
+# Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
+# stage results, every figure), encoder_timing.json/.md, gpu_tests.xml, triton_tests.xml, ops_bench.json.
+# Commit them under benchmarks/results/<date>-<card>/ (the folder name is printed at the end).
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET_S=${CTSSL_GPU_CHECK_BUDGET_S:-510}
+SMOKE=${CTSSL_GPU_CHECK_SMOKE:-0}
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ "$SMOKE" == 1 && -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3; fi
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+T0=$(date +%s)
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+STATUS_ROWS=()
+remaining() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+
+# stage NAME CAP_SECONDS "COMMAND": run under timeout min(CAP, budget left); record rc and time.
+stage() {
+  local name=$1 cap=$2 cmd=$3 left limit start rc dt what
+  left=$(remaining)
+  limit=$(( cap < left ? cap : left ))
+  if (( limit < 15 )); then
+    echo "=== $name: skipped, the ${BUDGET_S}s budget is spent"
+    STATUS_ROWS+=("| $name | skipped: budget spent | 0 |")
+    return 0
+  fi
+  echo
+  echo "=== $name (limit ${limit}s, $(date -u +%H:%M:%S)): $cmd"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "set -o pipefail; $cmd"
+  rc=$?
+  dt=$(( $(date +%s) - start ))
+  what="rc $rc"
+  if (( rc == 124 || rc == 137 )); then what="TIMEOUT after ${limit}s"; fi
+  echo "=== $name: $what in ${dt}s"
+  STATUS_ROWS+=("| $name | $what | $dt |")
+}
+
+note() { echo "=== $1"; STATUS_ROWS+=("| $2 | $3 | 0 |"); }
+
+if [[ "$SMOKE" == 1 ]]; then
+  echo "gpu_check: SMOKE rehearsal on the CPU (tiny sizes; no build, no sanitizer; figures mean nothing)"
+  export CTSSL_BENCH_DEVICE=cpu
+  CARD="cpu-smoke"
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: torch sees no CUDA GPU here; run this on the GPU machine (or CTSSL_GPU_CHECK_SMOKE=1 to rehearse)"
+  exit 2
+else
+  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+fi
+CARD_SLUG=$(echo "${CARD:-unknown}" | tr ' ' '-' | tr -cd 'A-Za-z0-9-')
+GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+export CTSSL_GIT_COMMIT=$GIT_COMMIT
+echo "gpu_check: card ${CARD:-unknown}, commit $GIT_COMMIT, budget ${BUDGET_S}s, out $OUT, python $PY"
+
+# --- env ---------------------------------------------------------------------
+stage env 40 "nvidia-smi || true; $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'; $PY -c 'import triton; print(\"triton\", triton.__version__)' || echo 'triton: not importable'; (nvcc --version || /usr/local/cuda/bin/nvcc --version) 2>/dev/null | tail -2; compute-sanitizer --version 2>/dev/null | head -2 || true; $PY -m pip --version"
+
+# --- wheels carried along (e.g. spconv-triton for the spconv backend): run with carry [".whl"] --
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage wheels 60 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ctssl_site .whl/*.whl"
+  export PYTHONPATH="/tmp/ctssl_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# --- build -------------------------------------------------------------------
+if [[ "$SMOKE" == 1 ]]; then
+  note "build: skipped in smoke mode (using the installed ctssl)" build "skipped (smoke)"
+else
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export MAX_JOBS=${MAX_JOBS:-16}
+  stage build 200 "$PY -m pip install --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -40"
+fi
+if ! "$PY" -c "import ctssl" 2>/dev/null; then
+  echo "=== ctssl is not importable after the build: falling back to PYTHONPATH=$PWD (kernels/ and the CUDA extension may be missing)"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+stage backends 60 "$PY -c 'from ctssl.sparse import backend_status
+for k, v in backend_status().items(): print(f\"{k:10s}\", \"available\" if v is None else \"unavailable: \" + v)'"
+
+# --- correctness -------------------------------------------------------------
+# the GPU-marked tests everywhere, then the Triton kernel tests (unmarked: on a CPU they run in the
+# interpreter, here natively); the stage fails if either fails
+TRITON_TESTS=tests/triton
+[[ "$SMOKE" == 1 ]] && TRITON_TESTS=none  # on a CPU they would run in the (slow) interpreter
+stage tests 150 "$PY -m pytest -m gpu tests/ -q -ra -p no:cacheprovider --continue-on-collection-errors --junitxml=$OUT/gpu_tests.xml; a=\$?; if [ -d $TRITON_TESTS ]; then $PY -m pytest $TRITON_TESTS -q -ra -p no:cacheprovider --junitxml=$OUT/triton_tests.xml; b=\$?; else b=0; fi; exit \$(( a > b ? a : b ))"
+
+# --- timing (the headline figures) -------------------------------------------
+if [[ "$SMOKE" == 1 ]]; then
+  TIMING_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.5 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96"
+else
+  TIMING_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last --warmup 5 --iters 20 --rotate 3 --decoder-width 768"
+fi
+TIMING_CAP=210
+TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))
+TIMING_DEADLINE=$(( TIMING_DEADLINE > 60 ? TIMING_DEADLINE - 45 : 15 ))
+stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --spark --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
+
+# --- memory checking of the CUDA kernels ---------------------------------------
+if [[ "$SMOKE" == 1 ]]; then
+  note "sanitizer: skipped in smoke mode" sanitizer "skipped (smoke)"
+elif ! command -v compute-sanitizer >/dev/null 2>&1 && [[ ! -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+  note "sanitizer: compute-sanitizer not found" sanitizer "skipped: compute-sanitizer not found"
+elif ! "$PY" -c "import ctssl._C" 2>/dev/null; then
+  note "sanitizer: skipped, ctssl._C (the cuda backend's extension) was not built" sanitizer "skipped: no ctssl._C"
+else
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  SAN_TESTS=tests/cuda/test_gpu.py
+  [[ -f $SAN_TESTS ]] || SAN_TESTS=tests/
+  stage sanitizer 120 "$SAN --tool memcheck --error-exitcode 99 --print-limit 30 $PY -m pytest -m gpu $SAN_TESTS -q -x -p no:cacheprovider -k 'not resnet50 and not graph'"
+fi
+
+# --- op benchmarks with what is left -------------------------------------------
+if [[ "$SMOKE" == 1 ]]; then
+  OPS_K="conv3x3s1-c64 and float32 and (m0.5 or nomask)"
+else
+  OPS_K="conv3x3 and bfloat16 and (m0.6 or nomask)"
+fi
+stage ops 110 "$PY -m pytest benchmarks/test_bench_ops.py --benchmark-only -q -p no:cacheprovider -k '$OPS_K' --benchmark-json $OUT/ops_bench.json"
+
+# --- summary -----------------------------------------------------------------
+SUMMARY=$OUT/summary.md
+{
+  echo "# ctssl gpu_check on ${CARD:-unknown}"
+  echo
+  echo "- date: $STARTED (UTC), total $(( $(date +%s) - T0 ))s"
+  echo "- command: \`bash benchmarks/gpu_check.sh\` (CTSSL_GPU_CHECK_BUDGET_S=$BUDGET_S$([[ $SMOKE == 1 ]] && echo ', SMOKE rehearsal on CPU: figures mean nothing'))"
+  echo "- git commit: $GIT_COMMIT"
+  echo "- versions: $("$PY" -c 'import sys, torch
+try:
+    import triton; t = triton.__version__
+except Exception:
+    t = "n/a"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}")' 2>/dev/null)"
+  echo "- TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}, CUDA_HOME=${CUDA_HOME:-unset}"
+  echo
+  echo "| stage | result | seconds |"
+  echo "|---|---|---|"
+  printf '%s\n' "${STATUS_ROWS[@]}"
+  echo
+  if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
+  echo
+  if [[ -f $OUT/ops_bench.json ]]; then
+    tmp=$(mktemp -d)
+    "$PY" benchmarks/summarize.py "$OUT/ops_bench.json" --out "$tmp" --no-plots --title "op benchmarks" >/dev/null \
+      && sed 's/^#/##/' "$tmp/summary.md"
+    rm -rf "$tmp"
+  else
+    echo "(no op benchmark results)"
+  fi
+} > "$SUMMARY" 2>&1
+
+echo
+echo "=== stages"
+printf '%s\n' "${STATUS_ROWS[@]}"
+echo
+if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
+echo
+echo "gpu_check: done in $(( $(date +%s) - T0 ))s; results in $OUT"
+echo "gpu_check: commit them as benchmarks/results/$(date -u +%Y-%m-%d)-${CARD_SLUG}/"

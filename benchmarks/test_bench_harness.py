@@ -1,0 +1,74 @@
+"""The measuring tools themselves: inputs in each layout, saved-activation accounting,
+the stand-alone encoder timing harness (tiny, on the CPU) and the GPU script's syntax."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import encoder_timing
+from bench_config import CPU_NOT_TIMED, NOMASK, backend_names, registry_status
+from bench_timing import saved_activation_bytes
+from bench_workload import random_mask, random_tensor, sparse_map
+from ctssl.sparse import PatchIndex, get_backend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("stride", [1, 4, 32])
+@pytest.mark.parametrize("name", [n for n in backend_names() if n != NOMASK])
+def test_sparse_map_holds_the_masked_features(name, stride):
+    """The op benchmarks' inputs at a feature stride are the masked map, in every layout."""
+    if registry_status().get(name) is not None:
+        pytest.skip(f"backend {name!r} unavailable: {registry_status()[name]}")
+    if name in CPU_NOT_TIMED:
+        pytest.skip(f"backend {name!r}: {CPU_NOT_TIMED[name]}")
+    backend = get_backend(name, "cpu")
+    side = 64 // stride
+    feats = random_tensor((2, 5, side, side), torch.float32, torch.device("cpu"), 1)
+    index = PatchIndex(random_mask(2, 64, 0.5, torch.device("cpu"), 2))
+    x = sparse_map(backend, feats, index, stride)
+    assert x.stride == stride and x.index is index
+    expected = feats * index.dense_mask(stride, feats.dtype)
+    torch.testing.assert_close(x.to_dense(), expected)
+
+
+def test_saved_activation_bytes_counts_saved_tensors_only():
+    x = torch.randn(1000, requires_grad=True)
+    assert saved_activation_bytes(lambda: x.exp().sum().backward()) == 4000  # exp saves its output
+    w = torch.randn(8, 1000, requires_grad=True)
+    assert saved_activation_bytes(lambda: F.linear(x, w).sum().backward(), exclude=[x, w]) == 0
+
+
+def test_encoder_timing_cli_on_cpu(tmp_path):
+    out = tmp_path / "enc.json"
+    md = tmp_path / "enc.md"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18", "--batch", "1", "--size", "64",
+                              "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "1", "--rotate", "1", "--json", str(out),
+                              "--markdown", str(md)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["format"] == encoder_timing.FORMAT
+    rows = {r["backend"]: r for r in data["results"]}
+    assert set(rows) == {"dense", "torch"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and len(r["times_ms"]) == 1 for r in rows.values())
+    assert rows["torch"]["loss_check"] == "ok"  # same weights, same input: the same loss as the emulation
+    assert rows["torch"]["visible_fraction"] == 0.5
+    assert "| torch | 0.50 |" in md.read_text()
+
+
+def test_encoder_timing_rejects_unknown_backend(tmp_path):
+    with pytest.raises(SystemExit, match="unknown backend"):
+        encoder_timing.main(["--device", "cpu", "--backends", "nope", "--json", str(tmp_path / "x.json")])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    script = os.path.join(HERE, "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0

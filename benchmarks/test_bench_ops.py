@@ -1,0 +1,85 @@
+"""Op-level benchmarks: every backend at ResNet-50's conv/BN/pool shapes, layout ops, PatchIndex.
+
+Run ``pytest benchmarks/test_bench_ops.py --benchmark-only``; each case records the backend,
+dtype, mask ratio, visible fraction, memory and images/s in ``extra_info``.
+"""
+from __future__ import annotations
+
+import pytest
+
+from bench_config import PROFILE, backend_mask_params, backend_names, dtype_params, require_backend
+from bench_op_cases import (CONV_SHAPES, MODES, STAGE_MAPS, batchnorm_workload, conv_workload, densify_workload,
+                            maxpool_workload, pack_workload, patch_index_workload, to_dense_workload)
+
+BACKEND_MASKS = backend_mask_params(PROFILE.mask_ratios)
+MASKED_ONLY = [p for p in BACKEND_MASKS if p.values[0] != "dense-nomask"]
+DTYPES = dtype_params(PROFILE.op_dtypes)
+RATIOS = [pytest.param(r, id=f"m{r}") for r in PROFILE.mask_ratios]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=[s.key for s in CONV_SHAPES])
+def test_conv(run_workload, shape, mode, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name, backward=mode == "fwdbwd")
+    work = conv_workload(PROFILE, shape, backend, dtype, mask_ratio, mode)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
+@pytest.mark.parametrize("channels,stride", STAGE_MAPS, ids=[f"c{c}-s{s}" for c, s in STAGE_MAPS])
+def test_batchnorm(run_workload, channels, stride, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name, backward=True)
+    work = batchnorm_workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
+@pytest.mark.parametrize("mode", MODES)
+def test_maxpool(run_workload, mode, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name, backward=mode == "fwdbwd")
+    work = maxpool_workload(PROFILE, backend, dtype, mask_ratio, mode)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", MASKED_ONLY)
+def test_pack(run_workload, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name)
+    work = pack_workload(PROFILE, backend, dtype, mask_ratio)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", MASKED_ONLY)
+@pytest.mark.parametrize("channels,stride", STAGE_MAPS[1:], ids=[f"c{c}-s{s}" for c, s in STAGE_MAPS[1:]])
+def test_to_dense(run_workload, channels, stride, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name)
+    work = to_dense_workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", MASKED_ONLY)
+@pytest.mark.parametrize("channels,stride", STAGE_MAPS[1:], ids=[f"c{c}-s{s}" for c, s in STAGE_MAPS[1:]])
+def test_densify(run_workload, channels, stride, backend_name, mask_ratio, dtype):
+    backend = require_backend(backend_name, backward=True)
+    work = densify_workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("mask_ratio", RATIOS)
+def test_patch_index(run_workload, mask_ratio):
+    work = patch_index_workload(PROFILE, mask_ratio)
+    run_workload(work, group=work.info["case"])
+
+
+def test_backend_params_follow_registry():
+    """New backends appear without an edit: every registered name is parametrized."""
+    from bench_config import registry_status
+
+    assert set(registry_status()) <= set(backend_names())
+    assert backend_names()[:2] == ["dense-nomask", "dense"]
