@@ -1,0 +1,66 @@
+"""Whole masked ResNet encoders on the operators' CPU loops against the dense reference."""
+import copy
+
+import pytest
+import torch
+
+from ctssl.models import create_resnet
+
+from .helpers import CpuTwin, masks, needs_ext, rel_err
+
+pytestmark = needs_ext
+
+
+def _run(model, images, active, backend, weights=None):
+    m = copy.deepcopy(model)
+    x = images.detach().clone().requires_grad_(True)
+    maps = m.forward_masked(x, active, backend)
+    if weights is None:
+        gen = torch.Generator().manual_seed(3)
+        weights = [torch.randn(mp.shape, generator=gen, dtype=mp.dtype) for mp in maps]
+    sum((mp * w).sum() for mp, w in zip(maps, weights)).backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    return [mp.detach() for mp in maps], x.grad, grads, dict(m.named_buffers()), weights
+
+
+@pytest.mark.parametrize("arch,batch,H,W,train", [
+    ("resnet18", 3, 64, 96, True), ("resnet18", 3, 64, 64, False),  # basic blocks, train and eval BN
+    ("resnet50", 2, 64, 64, True),  # bottlenecks
+])
+def test_encoder_matches_dense_float64(arch, batch, H, W, train):
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(0)
+    model = create_resnet(arch).double().train(train)
+    images = torch.randn(batch, 3, H, W, generator=gen, dtype=torch.float64)
+    active = masks(batch, H // 32, W // 32, gen)[1]  # random, with an empty and a full image
+    ref = _run(model, images, active, "dense")
+    out = _run(model, images, active, CpuTwin(), ref[4])
+    for a, b in zip(out[0], ref[0]):
+        assert rel_err(a, b) < 1e-9
+    assert rel_err(out[1], ref[1]) < 1e-9
+    assert ref[2].keys() == out[2].keys() and len(ref[2]) > 0
+    for name in ref[2]:
+        assert rel_err(out[2][name], ref[2][name]) < 1e-9, name
+    for name in ref[3]:
+        assert rel_err(out[3][name].double(), ref[3][name].double()) < 1e-9, name
+
+
+def test_encoder_float32_is_as_accurate_as_dense_float32():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    model = create_resnet("resnet18", in_chans=1).train()
+    images = torch.randn(2, 1, 64, 64, generator=gen)
+    active = masks(2, 2, 2, gen)[0]
+    truth = _run(model.double(), images.double(), active, "dense")
+    w32 = [w.float() for w in truth[4]]
+    model = model.float()
+    dense32 = _run(model, images, active, "dense", w32)
+    twin32 = _run(model, images, active, CpuTwin(), w32)
+
+    def errors(out):
+        errs = [rel_err(a, b) for a, b in zip(out[0], truth[0])] + [rel_err(out[1], truth[1])]
+        return torch.tensor(errs + [rel_err(out[2][n], truth[2][n]) for n in truth[2]])
+
+    e_dense, e_twin = errors(dense32), errors(twin32)
+    assert e_twin[:4].max() < 1e-4
+    assert (e_twin <= 10 * e_dense + 1e-5).all()
