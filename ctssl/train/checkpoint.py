@@ -1,0 +1,152 @@
+"""ctssl checkpoints: atomic writes, validated reads, and backbone export.
+
+A checkpoint is ``torch.save`` of a dict::
+
+    {"format": "ctssl-checkpoint", "version": 1, "method": str, "arch": str, "in_chans": int,
+     "config": asdict(PretrainConfig), "step": int, "epoch": int,
+     "model": method.state_dict(), "backbone": method.backbone.state_dict(),
+     "optimizer": ..., "schedules": ..., "scaler": ... or None, "sampler": ..., "rng": [per rank],
+     "world_size": int}
+
+Only tensors, numbers, strings, lists, tuples and dicts are stored, so every read uses
+``torch.load(weights_only=True)``. ``backbone`` is a plain torchvision ResNet state_dict (fc included).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "ctssl-checkpoint"
+VERSION = 1
+LAST = "checkpoint_last.pt"
+FINAL = "checkpoint_final.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or is not what the caller needs."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` so that ``path`` always holds either the old or the new complete file.
+
+    Writes a temp file in the same directory, fsyncs it, renames it over ``path`` and fsyncs the
+    directory; on any failure the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, str(tmp))  # by path: torch's own (faster) file writer
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _read(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle garbage, unsafe globals...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first})") from None
+
+
+def is_ctssl_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A full ctssl checkpoint (for resuming), checked for format, version and required keys."""
+    obj = _read(path)
+    if not is_ctssl_checkpoint(obj):
+        raise CheckpointError(f"{path} is not a ctssl checkpoint (no format={FORMAT!r} entry)")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path}: ctssl checkpoint version {obj.get('version')} is not supported "
+                              f"(this ctssl reads version {VERSION})")
+    missing = [k for k in ("method", "arch", "in_chans", "config", "step", "epoch", "model", "backbone")
+               if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: ctssl checkpoint lacks {', '.join(missing)}")
+    return obj
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def load_backbone_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone weights of ``path`` and what is known about them.
+
+    Accepts a ctssl checkpoint (its ``backbone`` entry; meta has method, arch, in_chans, step,
+    epoch, config) or a plain ResNet state_dict (``export_backbone`` output, torchvision weights;
+    meta has ``format="state_dict"`` and ``in_chans`` read from ``conv1.weight``).
+    """
+    obj = _read(path)
+    if is_ctssl_checkpoint(obj):
+        if obj.get("version") != VERSION:
+            raise CheckpointError(f"{path}: ctssl checkpoint version {obj.get('version')} is not supported")
+        if not _is_state_dict(obj.get("backbone")):
+            raise CheckpointError(f"{path}: ctssl checkpoint has no usable 'backbone' state_dict")
+        meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch", "config")}
+        meta["format"] = FORMAT
+        return dict(obj["backbone"]), meta
+    if _is_state_dict(obj):
+        meta: dict[str, Any] = {"format": "state_dict"}
+        conv1 = obj.get("conv1.weight")
+        if conv1 is not None and conv1.dim() == 4:
+            meta["in_chans"] = int(conv1.shape[1])
+        return dict(obj), meta
+    if isinstance(obj, Mapping):
+        keys = ", ".join(map(str, list(obj)[:6]))
+        raise CheckpointError(f"{path} is neither a ctssl checkpoint nor a plain state_dict (top-level keys: {keys})")
+    raise CheckpointError(f"{path} is neither a ctssl checkpoint nor a plain state_dict ({type(obj).__name__})")
+
+
+def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` detached, contiguous and on the CPU (channels-last undone)."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def export_backbone(source: str | os.PathLike | torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write a plain torchvision-compatible ResNet state_dict (fc included) to ``path``, atomically.
+
+    ``source`` is a ctssl checkpoint path, a plain state_dict path, or the backbone module.
+    """
+    if isinstance(source, torch.nn.Module):
+        state = plain_state_dict(source)
+    else:
+        state, _ = load_backbone_state_dict(source)
+        state = {k: v.contiguous() for k, v in state.items()}
+    return save_atomic(state, path)
+
+
+__all__ = ["FORMAT", "VERSION", "LAST", "FINAL", "CheckpointError", "save_atomic", "load_checkpoint",
+           "load_backbone_state_dict", "export_backbone", "plain_state_dict", "is_ctssl_checkpoint"]

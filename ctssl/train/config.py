@@ -1,0 +1,403 @@
+"""Pre-training configuration: one dataclass, per-method presets, config files and ``key=value`` overrides.
+
+Precedence (lowest first): dataclass defaults < preset < config file (TOML, or YAML when PyYAML
+is installed) < ``--set key=value`` < explicit command-line flags. Every value is checked against
+the field's type, so a typo fails with the field's name instead of deep inside the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+_UnionType = getattr(types, "UnionType", None)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration or input problem (the CLI prints it and exits with code 2)."""
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pre-training run. Defaults are SparK's paper settings for ResNet-50.
+
+    The optimisation fields carry the names of ``ctssl.ssl``'s common hparams (batch_size,
+    base_lr, lr_batch_ref, min_lr_ratio, weight_decay[_end], warmup_epochs, epochs, momentum,
+    betas, grad_clip, drop_path_rate), so a method's ``default_hparams`` map onto them directly.
+    """
+
+    # what to train
+    method: str = "spark"
+    arch: str = "resnet50"
+    in_chans: int = 3
+    """Input channels of the encoder (3: grey CT copied to RGB, so the backbone fine-tunes as in the paper)."""
+    backend: str = "auto"
+    """Sparse engine backend for SparK (dense, torch, triton, cuda, spconv, minkowski, auto)."""
+    drop_path_rate: float = 0.05
+    mask_ratio: float | None = None
+    """SparK only: fraction of 32x32 patches hidden from the encoder (None: the method's 0.6)."""
+    hparams: dict = field(default_factory=dict)
+    """Extra method-specific keyword arguments for ``ctssl.ssl.create_method`` (temperature, queue_size...)."""
+
+    # data
+    data: str = ""
+    """A prepared slice store (``ctssl-prepare`` output)."""
+    intensity: str = "raw"
+    image_size: int = 224
+    workers: int = 4
+
+    # where
+    out: str = "runs/pretrain"
+    device: str = "auto"
+
+    # how long
+    batch_size: int = 32
+    """Images per process (the global batch is batch_size x world size)."""
+    epochs: int = 1600
+    max_steps: int | None = None
+    """When set, the run stops after this many optimizer steps (and the schedules span them)."""
+
+    # optimisation
+    optimizer: str = "lamb"
+    lr: float | None = None
+    """Peak learning rate; None means base_lr x global batch / lr_batch_ref (SparK's scaling rule)."""
+    base_lr: float = 2e-4
+    lr_batch_ref: int | None = 256
+    """Reference batch of the linear scaling rule; None: base_lr is used unscaled."""
+    min_lr_ratio: float = 0.0
+    """The cosine schedule ends at min_lr_ratio x peak lr."""
+    betas: tuple[float, float] | None = (0.9, 0.95)
+    momentum: float | None = None
+    eps: float | None = None
+    """Optimizer epsilon; None keeps the optimizer's own default."""
+    weight_decay: float = 0.04
+    weight_decay_end: float | None = 0.2
+    """Cosine weight-decay schedule end value (SparK: 0.04 -> 0.2); None keeps it constant."""
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None
+    """Overrides warmup_epochs when set."""
+    grad_clip: float | None = 5.0
+    lars_trust: float = 0.001
+
+    # numerics
+    amp: str = "auto"
+    """auto: bf16 autocast on GPU, off on CPU."""
+    channels_last: bool = True
+    """Channels-last model and inputs (GPU only; ignored on the CPU)."""
+    seed: int = 0
+
+    # bookkeeping
+    log_every: int = 20
+    ckpt_every: int = 1000
+    vis_every: int = 500
+    vis_images: int = 4
+    progress: bool = True
+    tensorboard: bool = True
+    find_unused_parameters: bool = False
+
+    def global_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * world_size
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Explicit ``lr``, else ``base_lr`` x global batch / ``lr_batch_ref`` (unscaled when that is None)."""
+        if self.lr is not None:
+            return float(self.lr)
+        if self.lr_batch_ref is None:
+            return float(self.base_lr)
+        return self.base_lr * self.global_batch(world_size) / self.lr_batch_ref
+
+    def validate(self) -> "PretrainConfig":
+        """Check every value that does not need the data or the device; raises ConfigError."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ConfigError(f"image_size must be a positive multiple of 32 (the patch size), got {self.image_size}")
+        if self.mask_ratio is not None:
+            if self.method != "spark":
+                raise ConfigError(f"mask_ratio applies to spark only, not to {self.method}")
+            if not 0.0 < self.mask_ratio < 1.0:
+                raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        positive = {"batch_size": self.batch_size, "log_every": self.log_every, "ckpt_every": self.ckpt_every,
+                    "vis_every": self.vis_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.max_steps is None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 (or set max_steps), got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if (self.lr is not None and self.lr <= 0) or self.base_lr <= 0:
+            raise ConfigError("lr and base_lr must be positive")
+        if self.lr_batch_ref is not None and self.lr_batch_ref < 1:
+            raise ConfigError(f"lr_batch_ref must be >= 1 or none, got {self.lr_batch_ref}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive or none, got {self.grad_clip}")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ConfigError("weight_decay and weight_decay_end must be >= 0")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.vis_images < 1:
+            raise ConfigError(f"vis_images must be >= 1, got {self.vis_images}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(PretrainConfig))
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+
+# ctssl.ssl's common hparams that are trainer settings, and the config field each one sets
+TRAINER_HPARAMS = {
+    "batch_size": "batch_size", "optimizer": "optimizer", "base_lr": "base_lr", "lr_batch_ref": "lr_batch_ref",
+    "min_lr_ratio": "min_lr_ratio", "weight_decay": "weight_decay", "weight_decay_end": "weight_decay_end",
+    "warmup_epochs": "warmup_epochs", "epochs": "epochs", "momentum": "momentum", "betas": "betas",
+    "grad_clip": "grad_clip", "drop_path_rate": "drop_path_rate", "input_size": "image_size",
+}
+
+# A CPU demo in seconds: ResNet-18 at 64x64, 20 steps, small heads, queues and decoder.
+TOY_PRESET: dict[str, Any] = dict(
+    arch="resnet18", image_size=64, batch_size=8, max_steps=20, epochs=1, warmup_steps=2, workers=0, log_every=1,
+    ckpt_every=10, vis_every=10, drop_path_rate=0.0, amp="none", channels_last=False, tensorboard=False,
+    device="cpu",
+)
+TOY_LR = {"spark": 1e-3, "swav": 0.05, "mocov2": 0.03, "byol": 1e-3, "simclr": 0.05}
+TOY_HPARAMS: dict[str, dict[str, Any]] = {
+    "spark": {"decoder_width": 128},
+    "swav": {"num_prototypes": 32, "queue_length": 0, "n_local_crops": 2, "proj_dim": 32},
+    "mocov2": {"queue_size": 64, "proj_dim": 32},
+    "byol": {"proj_hidden_dim": 128, "pred_hidden_dim": 128, "proj_dim": 32},
+    "simclr": {"proj_dim": 32},
+}
+
+PRESETS = ("paper", "toy")
+
+
+def method_default_hparams(method: str) -> dict[str, Any]:
+    """``default_hparams`` of the ``ctssl.ssl`` method class called ``method`` (the paper's settings)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    from ctssl.ssl import method_class
+
+    return dict(method_class(method).default_hparams)
+
+
+def preset_values(name: str, method: str) -> dict[str, Any]:
+    """The field values of preset ``name`` for ``method``.
+
+    ``paper``: the method's ``default_hparams`` (the seed paper's settings, else the method's
+    published defaults) mapped onto config fields. ``toy``: ``paper`` shrunk to a CPU demo.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    defaults = method_default_hparams(method)
+    values: dict[str, Any] = {"method": method, "lr": None}
+    for key, field_name in TRAINER_HPARAMS.items():
+        if key in defaults:
+            values[field_name] = defaults[key]
+    if name == "toy":
+        values.update(TOY_PRESET)
+        values["lr"] = TOY_LR[method]
+        values["hparams"] = {k: v for k, v in TOY_HPARAMS[method].items() if k in defaults}
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# config files and overrides
+# ---------------------------------------------------------------------------------------------
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat table of config fields (``[hparams]`` may be a nested table) from TOML or YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"config file {path}: YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"config file {path}: unknown type {suffix!r} (use .toml, .yaml or .json)")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of any of the three formats
+        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings, got {type(data).__name__}")
+    return data
+
+
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(PretrainConfig)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field type ``hint``, or ConfigError naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (_UnionType is not None and origin is _UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
+                     if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table, got {value!r}")
+        return dict(value)
+    return value
+
+
+def apply_values(cfg: PretrainConfig, values: dict[str, Any], source: str) -> PretrainConfig:
+    """A copy of ``cfg`` with ``values`` set (``hparams`` tables are merged, not replaced)."""
+    hints = _type_hints()
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: {', '.join(FIELD_NAMES)}")
+        coerced = _coerce(key, value, hints[key])
+        if key == "hparams":
+            merged = dict(changes.get("hparams", cfg.hparams))
+            merged.update(coerced)
+            coerced = merged
+        changes[key] = coerced
+    return dataclasses.replace(cfg, **changes)
+
+
+def _literal(text: str) -> Any:
+    """A ``--set`` value: TOML/JSON-like literals (numbers, booleans, lists, none), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "hparams.temperature=0.2"]`` -> ``{"lr": 0.001, "hparams": {"temperature": 0.2}}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        value = _literal(text)
+        if key.startswith("hparams."):
+            out.setdefault("hparams", {})[key[len("hparams."):]] = value
+        elif "." in key:
+            raise ConfigError(f"--set {item!r}: only hparams.NAME may be dotted")
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> PretrainConfig:
+    """A config from a saved ``asdict`` (e.g. a checkpoint's ``config``), unknown keys rejected."""
+    return apply_values(PretrainConfig(), values, source)
+
+
+__all__ = [
+    "PretrainConfig", "ConfigError", "METHODS", "ARCHS", "OPTIMIZERS", "AMP_MODES", "DEVICES", "PRESETS",
+    "TRAINER_HPARAMS", "TOY_PRESET", "method_default_hparams", "preset_values", "read_config_file", "apply_values",
+    "parse_overrides",
+    "config_from_dict", "FIELD_NAMES",
+]

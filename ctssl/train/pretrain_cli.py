@@ -1,0 +1,166 @@
+"""``ctssl-train``: SparK or contrastive pre-training from the command line.
+
+    ctssl-train --method spark --backend triton --data PREPARED_DIR --out runs/spark
+    ctssl-train --method byol --preset toy --data PREPARED_DIR --out runs/toy --steps 50
+    torchrun --no-python --nproc-per-node 4 ctssl-train --method spark --data ... --out ...
+    ctssl-train --out runs/spark --resume                 # continue where it stopped
+    ctssl-train --out runs/spark --resume --export r50.pt # write the backbone for fine-tuning
+
+Settings: preset (``paper`` by default: the seed paper's settings of the method) < config file
+(--config FILE.toml / .yaml / .json) < ``--set key=value`` < the flags below. With --resume the
+checkpoint's own settings replace the preset. Bad input prints one line on stderr and exits 2
+before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoint import LAST, CheckpointError
+from .config import (ARCHS, DEVICES, METHODS, PRESETS, ConfigError, PretrainConfig, apply_values, parse_overrides,
+                     preset_values, read_config_file)
+
+PROG = "ctssl-train"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, raised so main() can return it
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Self-supervised pre-training (SparK, SimCLR, MoCo v2, BYOL, SwAV) of a "
+                                       "ResNet on a prepared CT slice store.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--method", choices=METHODS, help="pre-training method (default: the checkpoint's with --resume)")
+    p.add_argument("--backend", help="sparse engine backend for SparK: auto, dense, torch, triton, cuda, spconv, "
+                                     "minkowski (default auto)")
+    p.add_argument("--data", help="prepared slice store (ctssl-prepare output)")
+    p.add_argument("--out", help="output directory (logs, checkpoints, pictures)")
+    p.add_argument("--config", help="config file: .toml, .yaml (with PyYAML) or .json")
+    p.add_argument("--preset", choices=PRESETS, help="paper (default): the paper's settings of the method; "
+                                                     "toy: ResNet-18, 64 px, 20 steps on the CPU")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config field (repeatable), e.g. --set warmup_epochs=10 --set hparams.temperature=0.2")
+    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--in-chans", type=int, choices=(1, 3))
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--steps", type=int, help="stop after this many optimizer steps (schedules span them)")
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--image-size", type=int, help="input size, a multiple of 32")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
+    p.add_argument("--mask-ratio", type=float, help="SparK's mask ratio (default 0.6)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"))
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help=f"continue from PATH (default OUT/{LAST})")
+    p.add_argument("--export", metavar="PATH", help="after training, write the backbone as a plain torchvision "
+                                                    "ResNet state_dict")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+_FLAG_FIELDS = {
+    "backend": "backend", "data": "data", "out": "out", "arch": "arch", "in_chans": "in_chans",
+    "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "lr": "lr", "mask_ratio": "mask_ratio",
+    "seed": "seed", "device": "device", "amp": "amp", "workers": "workers",
+}
+
+
+def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | None]:
+    """The run's config from preset / checkpoint, config file, --set and flags; and the checkpoint to resume."""
+    file_values = read_config_file(args.config) if args.config else {}
+    overrides = parse_overrides(args.overrides)
+    flags = {field: getattr(args, name) for name, field in _FLAG_FIELDS.items() if getattr(args, name) is not None}
+    if args.steps is not None:
+        flags["max_steps"] = args.steps
+    elif args.epochs is not None:
+        flags["max_steps"] = None
+    if args.no_progress:
+        flags["progress"] = False
+
+    resume_path = None
+    cfg = PretrainConfig()
+    if args.resume is not None:
+        from .pretrain import load_run_config
+
+        out = flags.get("out") or overrides.get("out") or file_values.get("out")
+        if args.resume:
+            resume_path = Path(args.resume)
+        elif out:
+            resume_path = Path(out) / LAST
+        else:
+            raise ConfigError("--resume without PATH needs --out (it resumes OUT/checkpoint_last.pt)")
+        if not resume_path.exists():
+            raise CheckpointError(f"nothing to resume: {resume_path} does not exist")
+        cfg = load_run_config(resume_path)
+        if args.preset:
+            cfg = apply_values(cfg, preset_values(args.preset, cfg.method), f"preset {args.preset}")
+    else:
+        method = args.method or overrides.get("method") or file_values.get("method")
+        if method is None:
+            raise ConfigError("--method is required (one of " + ", ".join(METHODS) + ")")
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        cfg = apply_values(cfg, preset_values(args.preset or "paper", method), f"preset {args.preset or 'paper'}")
+    if args.method is not None and args.resume is not None and args.method != cfg.method:
+        raise CheckpointError(f"cannot resume {resume_path}: it was trained with method={cfg.method!r}, "
+                              f"not {args.method!r}")
+    cfg = apply_values(cfg, file_values, f"config file {args.config}")
+    cfg = apply_values(cfg, overrides, "--set")
+    if args.method is not None:
+        flags["method"] = args.method
+    cfg = apply_values(cfg, flags, "command line")
+    return cfg.validate(), resume_path
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{PROG}: error: {exc} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+    from ctssl.sparse import BackendUnavailableError
+
+    from .pretrain import TrainingError, export_backbone, run_pretraining
+
+    try:
+        cfg, resume_path = build_config(args)
+        final = run_pretraining(cfg, resume=resume_path, overwrite=args.overwrite)
+        if args.export and _is_main_rank():
+            export_backbone(final, args.export)
+    except (ConfigError, CheckpointError, BackendUnavailableError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    if _is_main_rank():
+        print(f"{PROG}: final checkpoint {final}" + (f"; backbone exported to {args.export}" if args.export else ""))
+    return 0
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+if __name__ == "__main__":  # torchrun -m ctssl.train.pretrain_cli ...
+    sys.exit(main())

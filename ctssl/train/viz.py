@@ -1,0 +1,90 @@
+"""Pictures of a run: SparK's input / masked input / reconstruction grids, and loss curves."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .logger import read_log
+
+
+def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """Values already in [0, 1] stay; anything else is min-max scaled (per image)."""
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return image
+    return (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """An (H, W, 3) uint8 grid of ``images``.
+
+    Accepts (H, W), (C, H, W), (N, C, H, W) or (rows, cols, C, H, W) with C in {1, 3}; each
+    image is scaled to [0, 1] on its own unless it already is.
+    """
+    x = images.detach().float().cpu()
+    if x.dim() == 2:
+        x = x[None, None]
+    elif x.dim() == 3:
+        x = x[None]
+    if x.dim() == 5:
+        columns = x.shape[1]
+        x = x.flatten(0, 1)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"cannot draw a tensor of shape {tuple(images.shape)} as images")
+    n, c, h, w = x.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(3, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for k in range(n):
+        r, col = divmod(k, columns)
+        tile = _to_unit_range(x[k]).expand(3, h, w)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = tile
+    return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
+    """Write ``image_grid(images)`` as a PNG (temp file + rename, so readers never see half a file)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    Image.fromarray(image_grid(images, columns)).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_curve(log_path: str | os.PathLike, png_path: str | os.PathLike,
+                    title: str = "pre-training loss") -> Path | None:
+    """A PNG of loss (and learning rate) against step from ``log.jsonl``; None when there is nothing to plot."""
+    records = [r for r in read_log(log_path) if "step" in r and isinstance(r.get("loss"), (int, float))]
+    if not records:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    steps = [r["step"] for r in records]
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.subplots()
+    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if all("lr" in r for r in records):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=0.8, alpha=0.7, label="lr")
+        ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+__all__ = ["image_grid", "save_image_grid", "plot_loss_curve"]

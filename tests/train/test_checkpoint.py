@@ -1,0 +1,119 @@
+"""Checkpoints: atomic writes survive a crash mid-save; reads accept ctssl checkpoints and plain state_dicts only."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+
+from ctssl.train import checkpoint as ckpt_io
+from ctssl.train.checkpoint import (FINAL, LAST, CheckpointError, export_backbone, load_backbone_state_dict,
+                                    load_checkpoint, save_atomic)
+from ctssl.train.pretrain import run_pretraining
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _crashing_save(obj, f, *args, **kwargs):
+    with open(f, "wb") as file:  # some bytes reach the disk, then the write fails
+        file.write(b"PK\x03\x04 half a checkpoint")
+    raise OSError("No space left on device")
+
+
+def test_crash_during_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"step": 1, "w": torch.arange(4.0)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", _crashing_save)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic({"step": 2, "w": torch.zeros(4)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_trainer_crash_while_checkpointing_keeps_the_last_good_one(pretrain_store, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("spark", pretrain_store, tmp_path / "run", max_steps=2, ckpt_every=1)
+    calls = []
+    real_save = torch.save
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(obj.get("step"))
+        if len(calls) == 2:  # the final checkpoint of step 2
+            return _crashing_save(obj, f)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save_then_die)
+    with pytest.raises(OSError):
+        run_pretraining(cfg)
+    monkeypatch.undo()
+    assert calls == [1, 2]
+    out = tmp_path / "run"
+    assert not (out / FINAL).exists()
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert load_checkpoint(out / LAST)["step"] == 1
+
+    final = load_checkpoint(run_pretraining(cfg, resume=True))  # and the run can go on from it
+    assert final["step"] == 2
+
+
+def test_backbone_state_dict_from_a_checkpoint_and_from_plain_files(pretrain_store, tiny_config, tmp_path):
+    cfg = tiny_config("spark", pretrain_store, tmp_path / "run", in_chans=3, max_steps=1)
+    final = run_pretraining(cfg)
+    state, meta = load_backbone_state_dict(final)
+    assert (meta["format"], meta["method"], meta["arch"], meta["in_chans"], meta["step"]) == \
+        ("ctssl-checkpoint", "spark", "resnet18", 3, 1)
+    assert meta["config"]["image_size"] == 64
+
+    exported = export_backbone(final, tmp_path / "resnet18.pt")
+    plain, plain_meta = load_backbone_state_dict(exported)
+    assert plain_meta == {"format": "state_dict", "in_chans": 3}
+    assert set(plain) == set(state) and all(torch.equal(plain[k], state[k]) for k in state)
+    model = torchvision.models.resnet18()
+    model.load_state_dict(plain, strict=True)
+    torch.testing.assert_close(model.conv1.weight, state["conv1.weight"], rtol=0, atol=0)
+
+    torchvision_file = tmp_path / "torchvision.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), torchvision_file)
+    assert load_backbone_state_dict(torchvision_file)[1]["in_chans"] == 3
+
+
+def test_unreadable_or_foreign_files_give_a_clear_error(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt is corrupt"):
+        load_backbone_state_dict(garbage)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_backbone_state_dict(tmp_path / "missing.pt")
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"epoch": 3, "notes": "not weights"}, foreign)
+    with pytest.raises(CheckpointError, match="neither a ctssl checkpoint nor a plain state_dict"):
+        load_backbone_state_dict(foreign)
+    with pytest.raises(CheckpointError, match="not a ctssl checkpoint"):
+        load_checkpoint(foreign)
+
+    truncated = tmp_path / "truncated.pt"
+    save_atomic({"format": "ctssl-checkpoint", "version": 1, "w": torch.randn(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(truncated)
+
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "ctssl-checkpoint", "version": 99}, newer)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(newer)
+
+
+def test_checkpoint_holds_what_resuming_and_fine_tuning_need(pretrain_store, tiny_config, tmp_path):
+    cfg = tiny_config("byol", pretrain_store, tmp_path / "run", max_steps=1)
+    saved = load_checkpoint(run_pretraining(cfg))
+    for key in ("format", "version", "method", "arch", "in_chans", "config", "step", "epoch", "model", "backbone",
+                "optimizer", "schedules", "scaler", "sampler", "rng", "world_size"):
+        assert key in saved, key
+    assert saved["config"] == dataclasses.asdict(cfg)
+    assert set(saved["backbone"]) == {k[len("backbone."):] for k in saved["model"] if k.startswith("backbone.")}
+    assert saved["sampler"]["batch"] == 1 and saved["sampler"]["epoch"] == 0
+    assert set(saved["rng"][0]) == {"python", "numpy", "torch", "cuda"}
