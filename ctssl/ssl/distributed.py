@@ -27,16 +27,33 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_gather_local_grad(x: torch.Tensor) -> torch.Tensor:
-    """Like ``all_gather``, but the local rank's slice is ``x`` itself, so gradient flows into it.
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for the local slice.
 
-    The other ranks' slices are constants here; their own ranks back-propagate through them.
+    Each rank's loss also depends on the other ranks' embeddings (as negatives), so
+    the local slice must receive the gradients all ranks computed for it; DDP's
+    averaging of parameter gradients then gives the gradient of the mean loss.
     """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.n, ctx.rank = x.shape[0], dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank (rank order), differentiable for every rank's loss."""
     if not is_distributed():
         return x
-    n, r = x.shape[0], dist.get_rank()
-    gathered = all_gather(x)
-    return torch.cat([gathered[: r * n], x, gathered[(r + 1) * n:]])
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
