@@ -1,0 +1,643 @@
+"""Fine-tuning a (pre-trained) ResNet backbone with a new linear head: the seed paper's protocol.
+
+One run = one backbone initialisation x one labeled dataset x one label fraction x one seed.
+The paper's protocol is the default (``PRESETS["paper"]``): ResNet-50, grey images copied to
+3 channels at 224 px, Adam (lr 1e-4, weight decay 5e-4), batch 64, 70 epochs, backbone frozen
+for the first 10; the weights with the best validation accuracy are tested.
+
+Choices the paper does not state, made here and recorded in every ``metrics.json``:
+- while the backbone is frozen its parameters get no gradient but its BatchNorm layers stay in
+  training mode (statistics adapt to the new images); ``linear_probe`` freezes the backbone for
+  the whole run with BatchNorm in eval mode;
+- training augmentation ``crop``: RandomResizedCrop(scale 0.8..1) + horizontal flip;
+- model selection ties (equal validation accuracy) go to the lower validation loss;
+- a last training batch of a single image is dropped (BatchNorm cannot train on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..models import RESNETS, create_resnet
+from .metrics import classification_metrics
+
+METRICS_FILE = "metrics.json"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+METRICS_FORMAT = "ctssl-finetune-metrics"
+
+
+class FinetuneError(ValueError):
+    """A problem the user can fix (missing file, wrong arch, unknown fraction): exit code 2."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines one fine-tuning run. ``None`` fields are resolved at run time."""
+
+    data: str = ""
+    init: str = "random"  # "random" or a checkpoint / exported state_dict path
+    name: str | None = None  # method label for reports (default: the checkpoint's method or "random")
+    positive_class: str | None = None  # binary tasks: class name or index counted positive (default index 1)
+    arch: str | None = None  # None: the checkpoint's arch, or PRESET arch for random init
+    in_chans: int | None = None  # None: the checkpoint's, or the preset's for random init
+    random_arch: str = "resnet50"  # arch of a random init when --arch is not given
+    random_in_chans: int = 3
+    epochs: int = 70
+    freeze_epochs: int = 10
+    linear_probe: bool = False
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    image_size: int = 224
+    augment: str = "crop"  # none | flip | crop
+    intensity: str = "raw"
+    normalize: str = "auto"  # auto (the checkpoint's, else none) | none | imagenet
+    fraction: float | None = None
+    fractions_file: str | None = None
+    fraction_seed: int = 0
+    split_seed: int = 0
+    split_lists: dict = field(default_factory=dict)  # split name -> list of files (COVID-CT lists)
+    patient_regex: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    amp: bool = False  # bf16 autocast on CUDA
+    preload: str = "auto"  # auto | yes | no: keep decoded images in memory
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
+    keep_model: bool = True  # keep OUT/best.pt after the run
+
+
+PRESETS: dict[str, dict] = {
+    "paper": dict(random_arch="resnet50", random_in_chans=3, epochs=70, freeze_epochs=10, batch_size=64, lr=1e-4,
+                  weight_decay=5e-4, image_size=224, checkpoint_every=1, workers=4),
+    "toy": dict(random_arch="resnet18", random_in_chans=3, epochs=6, freeze_epochs=1, batch_size=16, lr=1e-3,
+                weight_decay=5e-4, image_size=64, checkpoint_every=0, preload="yes"),
+    "test": dict(random_arch="resnet18", random_in_chans=3, epochs=1, freeze_epochs=0, batch_size=8, lr=1e-3,
+                 weight_decay=5e-4, image_size=32, checkpoint_every=0, preload="yes"),
+}
+"""``paper``: the seed paper's protocol (GPU). ``toy``: minutes on a CPU. ``test``: seconds, for tests."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def make_config(preset: str = "paper", **overrides) -> FinetuneConfig:
+    if preset not in PRESETS:
+        raise FinetuneError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise TypeError(f"unknown FinetuneConfig fields {bad}")
+    return FinetuneConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# ---------------------------------------------------------------- backbone
+
+_BLOCK_COUNTS = {
+    ("basic", (2, 2, 2, 2)): "resnet18",
+    ("basic", (3, 4, 6, 3)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3)): "resnet152",
+}
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet name whose keys ``state_dict`` has, or None."""
+    counts = []
+    for layer in range(1, 5):
+        prefix = f"layer{layer}."
+        blocks = {k[len(prefix):].split(".", 1)[0] for k in state_dict if k.startswith(prefix)}
+        counts.append(len(blocks))
+    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
+    return _BLOCK_COUNTS.get((block, tuple(counts)))
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP/wrapper prefixes ("module.", "backbone.", "encoder.") shared by every key."""
+    sd = dict(state_dict)
+    for prefix in ("module.", "backbone.", "encoder."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(backbone state_dict without the classifier, meta with arch / in_chans / method) of a file."""
+    if not os.path.isfile(path):
+        raise FinetuneError(f"--init {path}: no such file (give a checkpoint, an exported state_dict or 'random')")
+    from .checkpoint import load_backbone_state_dict
+
+    try:
+        sd, meta = load_backbone_state_dict(path)
+    except Exception as exc:  # unreadable or foreign file: a user error, not a crash
+        raise FinetuneError(f"--init {path}: cannot read a backbone from it ({type(exc).__name__}: {exc})") from None
+    sd = {k: v for k, v in _strip_prefixes(sd).items() if not k.startswith("fc.")}
+    meta = dict(meta or {})
+    if "conv1.weight" not in sd:
+        raise FinetuneError(f"--init {path}: no ResNet backbone in it (no 'conv1.weight' key)")
+    meta["arch"] = meta.get("arch") or infer_arch(sd)
+    if meta["arch"] is None:
+        raise FinetuneError(f"--init {path}: cannot tell which ResNet this is; its keys match none of "
+                            f"{', '.join(RESNETS)}")
+    meta["in_chans"] = int(meta.get("in_chans") or sd["conv1.weight"].shape[1])
+    return sd, meta
+
+
+def build_model(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
+    """The ResNet with a new linear head, loaded from ``config.init``; returns (model, init info)."""
+    if config.init == "random":
+        arch = config.arch or config.random_arch
+        in_chans = config.in_chans or config.random_in_chans
+        if arch not in RESNETS:
+            raise FinetuneError(f"--arch {arch}: unknown; choose one of {', '.join(RESNETS)}")
+        model = create_resnet(arch, num_classes=num_classes, in_chans=in_chans)
+        return model, {"arch": arch, "in_chans": in_chans, "method": "random", "source": "random"}
+    sd, meta = read_backbone(config.init)
+    if config.arch is not None and config.arch != meta["arch"]:
+        raise FinetuneError(f"--arch {config.arch} does not match the checkpoint {config.init}, "
+                            f"which holds a {meta['arch']} backbone")
+    if config.in_chans is not None and config.in_chans != meta["in_chans"]:
+        raise FinetuneError(f"--in-chans {config.in_chans} does not match the checkpoint {config.init}, "
+                            f"whose backbone takes {meta['in_chans']} input channels")
+    model = create_resnet(meta["arch"], num_classes=num_classes, in_chans=meta["in_chans"])
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:3]
+        raise FinetuneError(f"--init {config.init}: weights do not fit a {meta['arch']} with "
+                            f"{meta['in_chans']} input channels: {' '.join(s.strip() for s in first)}") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise FinetuneError(f"--init {config.init}: not a complete {meta['arch']} backbone "
+                            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    info = {k: meta.get(k) for k in ("arch", "in_chans", "method")}
+    info["source"] = os.path.abspath(config.init)
+    for key in ("mean", "std"):
+        if meta.get(key) is not None:
+            info[key] = list(meta[key])
+    return model, info
+
+
+def backbone_parameters(model: nn.Module):
+    return [p for name, p in model.named_parameters() if not name.startswith("fc.")]
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool, bn_train: bool) -> None:
+    """Freeze or unfreeze every non-head parameter; ``bn_train`` chooses BatchNorm's mode."""
+    for p in backbone_parameters(model):
+        p.requires_grad_(trainable)
+    for name, module in model.named_modules():
+        if name and not name.startswith("fc") and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(bn_train and model.training)
+
+
+# ---------------------------------------------------------------- data
+
+def _augmentation(kind: str, size: int):
+    from ..data.augment import Compose, RandomHorizontalFlip, RandomResizedCrop
+
+    if kind == "none":
+        return None
+    if kind == "flip":
+        return Compose([_Resize(size), RandomHorizontalFlip(0.5)])
+    if kind == "crop":
+        return Compose([RandomResizedCrop(size, scale=(0.8, 1.0)), RandomHorizontalFlip(0.5)])
+    raise FinetuneError(f"--augment {kind}: unknown; choose none, flip or crop")
+
+
+class _Resize:
+    """Shorter side to ``size`` then centre crop: the evaluation transform."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x, generator=None):
+        from ..data.intensity import resize_shorter_and_center_crop
+
+        return resize_shorter_and_center_crop(x, self.size)
+
+
+class PreloadedImages(Dataset):
+    """Decoded grey images (1, H, W) held in memory, with an optional random transform.
+
+    Fine-tuning reads each image once per epoch for tens of epochs, and the sweep fine-tunes
+    many times on the same set: decoding PNG/DICOM once saves most of the CPU time.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], labels: np.ndarray, size: int, transform=None):
+        self.images, self.labels, self.size, self.transform = list(images), np.asarray(labels), size, transform
+
+    @classmethod
+    def from_dataset(cls, ds, size: int, transform=None) -> "PreloadedImages":
+        from ..data.intensity import to_channels
+
+        return cls([to_channels(ds.image(i), 1) for i in range(len(ds))], ds.labels, size, transform)
+
+    def with_transform(self, indices=None, transform=None) -> "PreloadedImages":
+        idx = range(len(self.images)) if indices is None else [int(i) for i in indices]
+        return PreloadedImages([self.images[i] for i in idx], self.labels[list(idx)], self.size, transform)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        x = self.transform(x) if self.transform is not None else _Resize(self.size)(x)
+        return x.clamp(0.0, 1.0).contiguous(), int(self.labels[i])
+
+
+@dataclass
+class LabeledSplits:
+    """The three splits of a labeled set, decoded once; ``train`` is the full training split."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list
+    train_labels: np.ndarray
+    source: str
+
+
+def _split_lists_arg(split_lists: Mapping[str, Sequence[str]]):
+    return {k: list(v) for k, v in split_lists.items()} or None
+
+
+def load_splits(config: FinetuneConfig) -> LabeledSplits:
+    """Load ``config.data`` (CSV, class folders, MedMNIST npz) into train/val/test."""
+    from ..data.labeled import load_labeled
+
+    if not config.data:
+        raise FinetuneError("no labeled data given (--data PATH: a CSV, a class-folder root or a MedMNIST .npz)")
+    if not os.path.exists(config.data):
+        raise FinetuneError(f"--data {config.data}: no such file or directory")
+    for split, files in config.split_lists.items():
+        for f in files:
+            if not os.path.isfile(f):
+                raise FinetuneError(f"--split-list {split}={f}: no such file")
+    kwargs = dict(size=config.image_size, channels=1, intensity=config.intensity)
+    path = Path(config.data)
+    if path.is_dir():
+        kwargs.update(split_lists=_split_lists_arg(config.split_lists), patient_regex=config.patient_regex,
+                      seed=config.split_seed)
+    elif path.suffix.lower() == ".csv":
+        kwargs.update(seed=config.split_seed)
+    try:
+        splits = load_labeled(config.data, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FinetuneError(f"--data {config.data}: {exc}") from None
+    for name in ("train", "val", "test"):
+        if len(splits[name]) == 0:
+            raise FinetuneError(f"--data {config.data}: the {name} split is empty")
+    train = splits["train"]
+    preload = config.preload
+    if preload not in ("auto", "yes", "no"):
+        raise FinetuneError(f"--preload {preload}: choose auto, yes or no")
+    if preload == "auto":
+        first = train.image(0)
+        total = sum(len(splits[s]) for s in splits) * first.size * 4
+        preload = "yes" if total < 2 * 1024**3 else "no"
+    if preload == "yes":
+        parts = {s: PreloadedImages.from_dataset(splits[s], config.image_size) for s in ("train", "val", "test")}
+    else:
+        parts = {s: splits[s] for s in ("train", "val", "test")}
+    return LabeledSplits(parts["train"], parts["val"], parts["test"], list(train.classes),
+                         np.asarray(train.labels), os.path.abspath(config.data))
+
+
+def positive_index(config: FinetuneConfig, classes: Sequence[str]) -> int:
+    """Index of the positive class of a binary task (precision, recall, F1, AUC are of that class)."""
+    if config.positive_class is None:
+        return 1
+    if len(classes) != 2:
+        raise FinetuneError(f"--positive-class is for binary tasks; this one has {len(classes)} classes")
+    names = [str(c) for c in classes]
+    if str(config.positive_class) in names:
+        return names.index(str(config.positive_class))
+    if str(config.positive_class) in ("0", "1"):
+        return int(config.positive_class)
+    raise FinetuneError(f"--positive-class {config.positive_class}: not a class of this set ({', '.join(names)})")
+
+
+def _train_view(train: Dataset, indices: np.ndarray, transform) -> Dataset:
+    if isinstance(train, PreloadedImages):
+        return train.with_transform(indices, transform)
+    return train.subset(indices, transform=transform)
+
+
+def select_fraction(config: FinetuneConfig, train_labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Indices of the training images for ``config.fraction`` (all of them without one)."""
+    from ..data.splits import nested_fractions, read_fractions
+
+    n = len(train_labels)
+    if config.fraction is None:
+        return 1.0, np.arange(n)
+    f = float(config.fraction)
+    if not 0.0 < f <= 1.0:
+        raise FinetuneError(f"--fraction {config.fraction}: must lie in (0, 1]")
+    if config.fractions_file is None:
+        if math.isclose(f, 1.0):
+            return 1.0, np.arange(n)
+        return f, nested_fractions(train_labels, [f], seed=config.fraction_seed)[f]
+    if not os.path.isfile(config.fractions_file):
+        raise FinetuneError(f"--fractions-file {config.fractions_file}: no such file")
+    try:
+        subsets = read_fractions(config.fractions_file, labels=train_labels)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise FinetuneError(f"--fractions-file {config.fractions_file}: {exc}") from None
+    for key, idx in subsets.items():
+        if math.isclose(key, f, rel_tol=0, abs_tol=1e-9):
+            return key, np.asarray(idx, dtype=np.int64)
+    if math.isclose(f, 1.0):
+        return 1.0, np.arange(n)
+    raise FinetuneError(f"--fraction {config.fraction} is not in {config.fractions_file}; "
+                        f"it holds {', '.join(f'{k:g}' for k in sorted(subsets))}")
+
+
+# ---------------------------------------------------------------- training
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FinetuneError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
+    return device
+
+
+class _InputAdapter(nn.Module):
+    """Grey (B, 1, H, W) in [0, 1] to what the backbone expects: channels copied, normalised."""
+
+    def __init__(self, in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None):
+        super().__init__()
+        self.in_chans = in_chans
+        if mean is not None:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        else:
+            self.mean = self.std = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+
+def _normalization(config: FinetuneConfig, info: dict, in_chans: int):
+    if config.normalize == "none":
+        return None, None
+    if config.normalize == "imagenet":
+        if in_chans == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (float(np.mean(IMAGENET_MEAN)),), (float(np.mean(IMAGENET_STD)),)
+    if config.normalize == "auto":
+        if info.get("mean") is not None and info.get("std") is not None:
+            return tuple(info["mean"]), tuple(info["std"])
+        return None, None
+    raise FinetuneError(f"--normalize {config.normalize}: choose auto, none or imagenet")
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def train_one_epoch(model, adapter, loader, optimizer, device, amp=False) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    total, count = 0.0, 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device, non_blocking=True)
+        with _autocast(device, amp):
+            loss = F.cross_entropy(model(adapter(images)).float(), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(labels)
+        count += len(labels)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model, adapter, loader, device, amp=False) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, class probabilities (N, K), mean cross-entropy) with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    labels_all, probs_all, loss_sum = [], [], 0.0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device)
+        with _autocast(device, amp):
+            logits = model(adapter(images)).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        labels_all.append(labels.cpu().numpy())
+        probs_all.append(torch.softmax(logits, 1).cpu().numpy())
+    model.train(was_training)
+    n = sum(len(a) for a in labels_all)
+    return np.concatenate(labels_all), np.concatenate(probs_all), loss_sum / max(n, 1)
+
+
+def make_adam(model: nn.Module, config: FinetuneConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam with L2 weight decay (the paper's); the fused kernel where this torch has it (same math, faster)."""
+    params = list(model.parameters())
+    try:
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, doc) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def _json_safe(obj):
+    """NaN/inf to None (strict JSON), numpy scalars to Python."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _fingerprint(config: FinetuneConfig) -> dict:
+    """Settings a resumed run must share with the interrupted one."""
+    skip = {"device", "workers", "preload", "checkpoint_every", "keep_model", "name"}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
+def _loader(ds, batch_size, shuffle, workers, device, generator=None, drop_last=False):
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+                      drop_last=drop_last, pin_memory=device.type == "cuda")
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    out_dir: str | os.PathLike,
+    splits: LabeledSplits | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Fine-tune, select on validation accuracy, test; write and return ``OUT/metrics.json``.
+
+    Resumes from ``OUT/last.pt`` when an interrupted run with the same settings left one.
+    ``splits`` lets a sweep decode the labeled set once for many runs.
+    """
+    log = log or (lambda msg: None)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if config.epochs < 1:
+        raise FinetuneError(f"--epochs must be at least 1, got {config.epochs}")
+    if config.freeze_epochs < 0 or config.batch_size < 1 or config.lr <= 0:
+        raise FinetuneError("--freeze-epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    device = resolve_device(config.device)
+    if splits is None:
+        splits = load_splits(config)
+    fraction, indices = select_fraction(config, splits.train_labels)
+    if len(indices) < 2:
+        raise FinetuneError(f"fraction {fraction:g} leaves {len(indices)} training image(s); at least 2 are needed")
+    num_classes = len(splits.classes)
+    positive = positive_index(config, splits.classes)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    model, info = build_model(config, num_classes)
+    mean, std = _normalization(config, info, info["in_chans"])
+    adapter = _InputAdapter(info["in_chans"], mean, std).to(device)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    name = config.name or (info.get("method") or "pretrained")
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_ds = _train_view(splits.train, indices, _augmentation(config.augment, config.image_size))
+    generator = torch.Generator().manual_seed(config.seed)
+    drop_last = len(train_ds) > config.batch_size and len(train_ds) % config.batch_size == 1
+    train_loader = _loader(train_ds, config.batch_size, True, config.workers, device, generator, drop_last)
+    val_loader = _loader(splits.val, config.batch_size * 2, False, config.workers, device)
+    test_loader = _loader(splits.test, config.batch_size * 2, False, config.workers, device)
+    optimizer = make_adam(model, config, device)
+
+    history: list[dict] = []
+    best = {"epoch": -1, "accuracy": -1.0, "loss": math.inf}
+    best_state = None
+    first_epoch = 0
+    fingerprint = _fingerprint(config)
+    last_path = out / LAST_FILE
+    if last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != fingerprint:
+            raise FinetuneError(f"{out} holds an interrupted run with other settings; "
+                                f"use another --out or delete {last_path}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
+        best_state = state["best_state"]
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+        log(f"resuming {out} after epoch {first_epoch}")
+
+    for epoch in range(first_epoch, config.epochs):
+        t0 = time.perf_counter()
+        frozen = config.linear_probe or epoch < config.freeze_epochs
+        model.train()
+        set_backbone_trainable(model, trainable=not frozen, bn_train=not config.linear_probe)
+        train_loss = train_one_epoch(model, adapter, train_loader, optimizer, device, config.amp)
+        y_val, p_val, val_loss = predict(model, adapter, val_loader, device, config.amp)
+        val_acc = float(np.mean(p_val.argmax(1) == y_val))
+        improved = val_acc > best["accuracy"] or (val_acc == best["accuracy"] and val_loss < best["loss"])
+        if improved:
+            best = {"epoch": epoch, "accuracy": val_acc, "loss": val_loss}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "frozen": frozen, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_accuracy": val_acc, "seconds": seconds})
+        log(f"epoch {epoch + 1}/{config.epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+            f"val_acc {val_acc:.4f}{' [frozen]' if frozen else ''}{' *' if improved else ''} ({seconds:.1f} s)")
+        if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
+            if improved:
+                _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "history": history, "best": best, "best_state": best_state, "fingerprint": fingerprint,
+                "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
+            }, last_path)
+
+    model.load_state_dict(best_state)
+    y_val, p_val, _ = predict(model, adapter, val_loader, device, config.amp)
+    y_test, p_test, test_loss = predict(model, adapter, test_loader, device, config.amp)
+    test = classification_metrics(y_test, p_test, num_classes, positive)
+    test["loss"] = test_loss
+    result = {
+        "format": METRICS_FORMAT,
+        "name": name,
+        "init": info,
+        "data": splits.source,
+        "classes": splits.classes,
+        "positive_class": splits.classes[positive] if num_classes == 2 else None,
+        "fraction": fraction,
+        "n_train": int(len(indices)),
+        "n_train_full": int(len(splits.train_labels)),
+        "n_val": int(len(y_val)),
+        "n_test": int(len(y_test)),
+        "train_indices_sha": _indices_hash(indices),
+        "seed": config.seed,
+        "best_epoch": best["epoch"] + 1,
+        "val": classification_metrics(y_val, p_val, num_classes, positive),
+        "test": test,
+        "history": history,
+        "config": dataclasses.asdict(config),
+        "device": str(device),
+        "seconds": time.perf_counter() - start,
+    }
+    if config.keep_model:
+        _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+    else:
+        (out / BEST_FILE).unlink(missing_ok=True)
+    write_json_atomic(out / METRICS_FILE, result)
+    last_path.unlink(missing_ok=True)
+    return result
+
+
+def _indices_hash(indices: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def copy_config(config: FinetuneConfig, **changes) -> FinetuneConfig:
+    return dataclasses.replace(copy.deepcopy(config), **changes)

@@ -1,0 +1,277 @@
+"""``ctssl-study``: the seed paper's few-label study end to end, on the built-in synthetic CT set.
+
+    ctssl-study --out study            # toy scale on a CPU (the default --preset toy)
+    ctssl-study --out study --preset gpu
+
+Stages, each skipped on a rerun when its output exists (so an interrupted study resumes):
+1. ``data``: synthetic chest CT phantoms (``ctssl.data.make_synthetic_ct``): a DICOM tree for
+   pre-training and a labeled nodule / no-nodule set (PNG + labels.csv, other patients);
+2. ``store``: ``ctssl-prepare`` of the DICOM tree into a slice store;
+3. ``pretrain``: ``ctssl-train`` of SparK and contrastive methods on the store (``OUT/pretrain/<method>``;
+   an interrupted run is resumed from its last checkpoint);
+4. ``sweep``: ``ctssl-sweep``: every backbone and a random-init baseline x label fractions x seeds,
+   fine-tuned on the same nested label subsets; then the report in ``OUT/sweep/report``.
+
+At toy scale the pre-training is seconds long, so the numbers show that the pipeline works, not
+the paper's finding. The paper's real setting, with the same tools::
+
+    # 1. pre-training data: LIDC-IDRI (TCIA), 2-D axial slices; a series counts when it has > 10 files
+    ctssl-prepare /data/LIDC-IDRI /data/lidc_store --min-files 11
+    # 2. pre-train a ResNet-50 with each method at the paper's settings (--preset paper is the default)
+    ctssl-train --method spark  --data /data/lidc_store --out runs/spark  --arch resnet50 --image-size 224
+    ctssl-train --method swav   --data /data/lidc_store --out runs/swav   --arch resnet50 --image-size 224
+    ctssl-train --method mocov2 --data /data/lidc_store --out runs/mocov2 --arch resnet50 --image-size 224
+    ctssl-train --method byol   --data /data/lidc_store --out runs/byol   --arch resnet50 --image-size 224
+    # 3a. COVID-CT (UCSD-AI4H): the unzipped class folders CT_COVID/ and CT_NonCOVID/ under Images/,
+    #     the official Data-split lists, COVID as the positive class of precision/recall/F1/AUC
+    ctssl-sweep --data /data/COVID-CT/Images --positive-class CT_COVID \\
+        --split-list train=/data/COVID-CT/Data-split/COVID/trainCT_COVID.txt \\
+        --split-list train=/data/COVID-CT/Data-split/NonCOVID/trainCT_NonCOVID.txt \\
+        --split-list val=/data/COVID-CT/Data-split/COVID/valCT_COVID.txt \\
+        --split-list val=/data/COVID-CT/Data-split/NonCOVID/valCT_NonCOVID.txt \\
+        --split-list test=/data/COVID-CT/Data-split/COVID/testCT_COVID.txt \\
+        --split-list test=/data/COVID-CT/Data-split/NonCOVID/testCT_NonCOVID.txt \\
+        --pretrained spark=runs/spark/checkpoint_final.pt swav=runs/swav/checkpoint_final.pt \\
+                     mocov2=runs/mocov2/checkpoint_final.pt byol=runs/byol/checkpoint_final.pt \\
+        --fractions 0.05 0.1 0.25 0.5 1.0 --seeds 0 1 2 --out sweeps/covid-ct
+    # 3b. OrganSMNIST (MedMNIST organsmnist.npz, 11 classes, its own train/val/test)
+    ctssl-sweep --data /data/organsmnist.npz --pretrained spark=... swav=... mocov2=... byol=... \\
+        --fractions 0.01 0.05 0.1 0.25 0.5 1.0 --seeds 0 1 2 --out sweeps/organsmnist
+
+The sweep's fine-tuning default is the paper's protocol (``ctssl-finetune --preset paper``: Adam
+lr 1e-4, weight decay 5e-4, batch 64, 70 epochs, backbone frozen for the first 10, 224 px, grey
+copied to 3 channels, best validation accuracy tested). Each sweep writes ``OUT/report/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROG = "ctssl-study"
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """Sizes of every stage of one study scale."""
+
+    patients: int  # pre-training phantom patients (one series each)
+    slices: int  # slices per pre-training series
+    phantom_size: int  # phantom slice size in pixels
+    labeled_patients: int
+    labeled_slices: int  # labeled slices per labeled patient
+    methods: tuple[str, ...]
+    pretrain_preset: str  # ctssl-train --preset
+    pretrain_steps: int
+    pretrain_args: tuple[str, ...]  # extra ctssl-train flags
+    finetune_preset: str  # ctssl-finetune / ctssl-sweep --preset
+    finetune_args: tuple[str, ...]
+    fractions: tuple[float, ...]
+    seeds: tuple[int, ...]
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+PRESETS: dict[str, StudyPreset] = {
+    # seconds: for the test suite
+    "test": StudyPreset(patients=2, slices=4, phantom_size=64, labeled_patients=6, labeled_slices=4,
+                        methods=("spark", "byol"), pretrain_preset="toy", pretrain_steps=1,
+                        pretrain_args=("--batch-size", "4"),
+                        finetune_preset="test", finetune_args=("--epochs", "1"), fractions=(0.5, 1.0), seeds=(0,),
+                        threads=1),
+    # about ten minutes on a 2-core CPU. One thread: batches this small gain little from a second
+    # one, and lose several times over when the cores are shared with other work.
+    "toy": StudyPreset(patients=8, slices=16, phantom_size=128, labeled_patients=24, labeled_slices=16,
+                       methods=("spark", "mocov2", "byol"), pretrain_preset="toy", pretrain_steps=20,
+                       pretrain_args=(), finetune_preset="toy", finetune_args=(),
+                       fractions=(0.1, 0.3, 1.0), seeds=(0, 1), threads=1),
+    # one GPU: ResNet-50 at 224 px, the paper's four methods and fine-tuning protocol (shorter)
+    "gpu": StudyPreset(patients=64, slices=64, phantom_size=256, labeled_patients=96, labeled_slices=24,
+                       methods=("spark", "swav", "mocov2", "byol"), pretrain_preset="paper", pretrain_steps=2000,
+                       pretrain_args=("--arch", "resnet50", "--image-size", "224", "--workers", "8"),
+                       finetune_preset="paper", finetune_args=("--epochs", "30", "--freeze-epochs", "5",
+                                                               "--workers", "8", "--amp"),
+                       fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=(0, 1, 2), device="cuda"),
+}
+
+
+class StudyError(Exception):
+    """A stage failed or the input is wrong; carries the exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class StudyPaths:
+    out: Path
+    data: Path = field(init=False)
+    store: Path = field(init=False)
+    pretrain: Path = field(init=False)
+    sweep: Path = field(init=False)
+
+    def __post_init__(self):
+        self.data = self.out / "data"
+        self.store = self.out / "store"
+        self.pretrain = self.out / "pretrain"
+        self.sweep = self.out / "sweep"
+
+    @property
+    def labels_csv(self) -> Path:
+        return self.data / "labeled" / "labels.csv"
+
+    def checkpoint(self, method: str) -> Path:
+        return self.pretrain / method / "checkpoint_final.pt"
+
+
+def stage_data(paths: StudyPaths, preset: StudyPreset, seed: int, log: Callable[[str], None]) -> None:
+    """Write the phantom set unless a finished one is there (phantom.json is written last)."""
+    if (paths.data / "phantom.json").is_file() and paths.labels_csv.is_file():
+        log(f"data: {paths.data} exists, skipped")
+        return
+    from ctssl.data import make_synthetic_ct
+
+    t0 = time.perf_counter()
+    result = make_synthetic_ct(paths.data, n_patients=preset.patients, slices_per_series=preset.slices,
+                               size=preset.phantom_size, seed=seed, labeled=True,
+                               labeled_patients=preset.labeled_patients,
+                               labeled_slices_per_patient=preset.labeled_slices)
+    log(f"data: {result.n_series} phantom series ({result.n_slices} slices), {result.n_labeled} labeled slices "
+        f"({time.perf_counter() - t0:.1f} s)")
+
+
+def stage_store(paths: StudyPaths, log: Callable[[str], None]) -> None:
+    """ctssl-prepare (itself resumable: finished series are skipped)."""
+    from ctssl.data.prepare import main as prepare_main
+
+    t0 = time.perf_counter()
+    code = prepare_main([str(paths.data / "dicom"), str(paths.store), "--workers", "1", "--no-progress", "--quiet"])
+    if code:
+        raise StudyError(f"ctssl-prepare failed with exit code {code}", code)
+    log(f"store: {paths.store} ({time.perf_counter() - t0:.1f} s)")
+
+
+def pretrain_argv(paths: StudyPaths, preset: StudyPreset, method: str, args) -> list[str]:
+    out = paths.pretrain / method
+    if (out / "checkpoint_last.pt").is_file():  # an interrupted run: continue it
+        return ["--out", str(out), "--resume", "--no-progress"]
+    argv = ["--method", method, "--preset", preset.pretrain_preset, "--data", str(paths.store), "--out", str(out),
+            "--steps", str(args.pretrain_steps or preset.pretrain_steps), "--seed", str(args.seed),
+            "--device", args.device or preset.device, "--no-progress", *preset.pretrain_args]
+    if args.backend and method == "spark":
+        argv += ["--backend", args.backend]
+    return argv
+
+
+def stage_pretrain(paths: StudyPaths, preset: StudyPreset, methods: Sequence[str], args,
+                   log: Callable[[str], None]) -> dict[str, Path]:
+    """ctssl-train for every method whose final checkpoint is missing."""
+    from .pretrain_cli import main as train_main
+
+    checkpoints = {}
+    for method in methods:
+        final = paths.checkpoint(method)
+        if final.is_file():
+            log(f"pretrain {method}: {final} exists, skipped")
+        else:
+            t0 = time.perf_counter()
+            argv = pretrain_argv(paths, preset, method, args)
+            code = train_main(argv)
+            if code or not final.is_file():
+                raise StudyError(f"ctssl-train {' '.join(argv)} failed (exit code {code})", code or 1)
+            log(f"pretrain {method}: {final} ({time.perf_counter() - t0:.1f} s)")
+        checkpoints[method] = final
+    return checkpoints
+
+
+def stage_sweep(paths: StudyPaths, preset: StudyPreset, checkpoints: dict[str, Path], args,
+                log: Callable[[str], None]) -> int:
+    from .sweep import main as sweep_main
+
+    argv = ["--data", str(paths.labels_csv), "--out", str(paths.sweep), "--preset", preset.finetune_preset,
+            "--pretrained", *[f"{m}={p}" for m, p in checkpoints.items()],
+            "--fractions", *[f"{f:g}" for f in (args.fractions or preset.fractions)],
+            "--seeds", *[str(s) for s in (args.seeds or preset.seeds)],
+            "--device", args.device or preset.device, *preset.finetune_args]
+    t0 = time.perf_counter()
+    code = sweep_main(argv)
+    log(f"sweep: {paths.sweep} ({time.perf_counter() - t0:.1f} s)")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the few-label study end to end on synthetic CT: phantoms -> slice store -> pre-training "
+                    "(SparK and contrastive methods) -> fine-tuning sweep over label fractions and seeds -> "
+                    "report. Rerunning skips finished stages.",
+        epilog="Presets: " + "; ".join(
+            f"{name}: {p.patients} phantom patients, methods {'/'.join(p.methods)}, {p.pretrain_steps} pre-training "
+            f"steps, fine-tuning preset {p.finetune_preset}, fractions {'/'.join(f'{f:g}' for f in p.fractions)}, "
+            f"seeds {'/'.join(map(str, p.seeds))}" for name, p in PRESETS.items()),
+    )
+    parser.add_argument("--out", default="ctssl-study", metavar="DIR", help="study folder (default ./ctssl-study)")
+    parser.add_argument("--preset", default="toy", choices=sorted(PRESETS),
+                        help="toy (default): about 10 minutes on a CPU; gpu: larger, one GPU; test: seconds")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="pre-training methods (default: the preset's; spark, simclr, mocov2, byol, swav)")
+    parser.add_argument("--fractions", nargs="+", type=float, default=None, help="label fractions (default: preset's)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default: preset's)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="optimizer steps per method (default: preset's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, auto (default: the preset's)")
+    parser.add_argument("--backend", default=None, help="SparK's sparse backend (default: ctssl-train's auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the pre-training")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for the toy and test presets, torch's default for gpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    methods = list(dict.fromkeys(args.methods or preset.methods))
+    from .config import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"{PROG}: error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    threads = args.threads if args.threads is not None else preset.threads
+    if threads is not None:
+        if threads < 1:
+            print(f"{PROG}: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
+    paths = StudyPaths(Path(args.out))
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
+
+    try:
+        paths.out.mkdir(parents=True, exist_ok=True)
+        stage_data(paths, preset, args.seed, log)
+        stage_store(paths, log)
+        checkpoints = stage_pretrain(paths, preset, methods, args, log)
+        code = stage_sweep(paths, preset, checkpoints, args, log)
+    except StudyError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    summary = paths.sweep / "report" / "summary.md"
+    log(f"done in {time.perf_counter() - start:.1f} s; report: {summary}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

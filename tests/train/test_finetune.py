@@ -1,0 +1,240 @@
+"""ctssl-finetune: backbone loading, the protocol's freezing, model selection, resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ctssl.models import create_resnet, resnet18
+from ctssl.train import finetune as ft
+from ctssl.train.finetune_cli import main as finetune_main
+
+
+def write_npz(path, n=(48, 16, 16), size=16, seed=0):
+    """A MedMNIST-style binary set: a bright bar in the top (class 0) or bottom (class 1) half."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        y = np.arange(count) % 2
+        x = (rng.random((count, size, size)) * 60).astype(np.uint8)
+        for i, c in enumerate(y):
+            top = 2 if c == 0 else size // 2 + 2
+            x[i, top:top + 3, 3:size - 3] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: one intra-op thread is as fast, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return write_npz(tmp_path_factory.mktemp("ft") / "bars.npz")
+
+
+@pytest.fixture(scope="module")
+def r18_export(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "r18.pt"
+    torch.save(resnet18(in_chans=3).state_dict(), path)
+    return str(path)
+
+
+def _config(npz, **kw):
+    base = dict(data=npz, epochs=2, freeze_epochs=0, image_size=32, batch_size=16, device="cpu")
+    base.update(kw)
+    return ft.make_config("test", **base)
+
+
+def test_export_loads_into_torchvision_resnet50_strict(tmp_path):
+    tv = pytest.importorskip("torchvision", reason="torchvision (test dependency) is not installed")
+    from ctssl.train.checkpoint import export_backbone
+
+    torch.manual_seed(1)
+    model = create_resnet("resnet50", in_chans=3)
+    path = export_backbone(model, tmp_path / "r50.pt")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    ref = tv.models.resnet50()
+    ref.load_state_dict(sd, strict=True)
+    assert torch.equal(ref.layer3[2].conv2.weight, model.layer3[2].conv2.weight)
+    # and fine-tuning reads it back: arch and channels inferred, every backbone tensor loaded, new head
+    backbone, meta = ft.read_backbone(str(path))
+    assert meta["arch"] == "resnet50" and meta["in_chans"] == 3
+    assert not any(k.startswith("fc.") for k in backbone)
+    tuned, info = ft.build_model(ft.make_config("paper", init=str(path)), num_classes=11)
+    assert info["arch"] == "resnet50" and tuned.fc.out_features == 11
+    for k, v in model.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(tuned.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_infer_arch(arch):
+    assert ft.infer_arch(create_resnet(arch).state_dict()) == arch
+
+
+def test_ctssl_checkpoint_meta_is_used(tmp_path):
+    """A ctssl pre-training checkpoint: arch, channels and method come from its entries."""
+    from ctssl.train.checkpoint import FORMAT, VERSION
+
+    model = resnet18(in_chans=1)
+    ckpt = {"format": FORMAT, "version": VERSION, "method": "spark", "arch": "resnet18", "in_chans": 1,
+            "config": {}, "step": 3, "epoch": 0, "model": {}, "backbone": model.state_dict()}
+    torch.save(ckpt, tmp_path / "c.pt")
+    tuned, info = ft.build_model(ft.make_config("toy", init=str(tmp_path / "c.pt")), num_classes=2)
+    assert info["method"] == "spark" and info["in_chans"] == 1
+    assert torch.equal(tuned.conv1.weight, model.conv1.weight)
+
+
+def test_finetune_selects_best_validation_epoch(npz, tmp_path, r18_export):
+    result = ft.run_finetune(_config(npz, init=r18_export, epochs=3), tmp_path / "run", log=None)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test"]["confusion_matrix"] == result["test"]["confusion_matrix"]
+    hist = saved["history"]
+    assert len(hist) == 3
+    best = max(hist, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    assert saved["best_epoch"] == best["epoch"]
+    # the tested weights are the selected epoch's: validation re-measured with them matches the history
+    assert saved["val"]["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert saved["n_train"] == 48 and saved["n_test"] == 16 and saved["name"] == "pretrained"
+    assert set(saved["test"]) >= {"accuracy", "balanced_accuracy", "auc", "f1", "precision", "recall"}
+    assert (tmp_path / "run" / "best.pt").is_file() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def _backbone_tensors(model_state):
+    return {k: v.clone() for k, v in model_state.items() if not k.startswith("fc.")}
+
+
+def test_linear_probe_keeps_backbone_and_bn_stats(npz, tmp_path, r18_export):
+    cfg = _config(npz, init=r18_export, linear_probe=True, epochs=1)
+    ft.run_finetune(cfg, tmp_path / "lp", log=None)
+    tuned = torch.load(tmp_path / "lp" / "best.pt", weights_only=False)["model"]
+    init = torch.load(r18_export, weights_only=True)
+    for k, v in _backbone_tensors(tuned).items():
+        assert torch.equal(v, init[k]), f"linear probe changed {k}"
+    assert not torch.equal(tuned["fc.weight"][:, :4], init["fc.weight"][:2, :4])
+
+
+def test_frozen_epochs_train_only_the_head(npz, tmp_path, r18_export):
+    """Backbone frozen (no gradient) but BatchNorm statistics adapt, as documented."""
+    cfg = _config(npz, init=r18_export, epochs=1, freeze_epochs=1)
+    ft.run_finetune(cfg, tmp_path / "fr", log=None)
+    tuned = torch.load(tmp_path / "fr" / "best.pt", weights_only=False)["model"]
+    init = torch.load(r18_export, weights_only=True)
+    assert torch.equal(tuned["layer2.0.conv1.weight"], init["layer2.0.conv1.weight"])
+    assert torch.equal(tuned["layer2.0.bn1.weight"], init["layer2.0.bn1.weight"])
+    assert not torch.equal(tuned["layer2.0.bn1.running_mean"], init["layer2.0.bn1.running_mean"])
+    # after unfreezing the backbone trains
+    ft.run_finetune(_config(npz, init=r18_export, epochs=1), tmp_path / "unfrozen", log=None)
+    tuned = torch.load(tmp_path / "unfrozen" / "best.pt", weights_only=False)["model"]
+    assert not torch.equal(tuned["layer2.0.conv1.weight"], init["layer2.0.conv1.weight"])
+
+
+def test_resume_after_interruption_matches_uninterrupted(npz, tmp_path, monkeypatch):
+    cfg = _config(npz, epochs=2, checkpoint_every=1, seed=3)
+    full = ft.run_finetune(cfg, tmp_path / "full", log=None)
+
+    calls = {"n": 0}
+    real = ft.train_one_epoch
+
+    def interrupt_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        ft.run_finetune(cfg, tmp_path / "cut", log=None)
+    assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(ft, "train_one_epoch", real)
+    resumed = ft.run_finetune(cfg, tmp_path / "cut", log=None)
+    assert len(resumed["history"]) == 2
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert not (tmp_path / "cut" / "last.pt").exists()
+
+
+def test_fraction_file_selects_the_same_images(npz, tmp_path):
+    from ctssl.data.splits import nested_fractions, write_fractions
+
+    labels = np.arange(48) % 2
+    subsets = nested_fractions(labels, [0.25, 0.5, 1.0], seed=7)
+    write_fractions(tmp_path / "fr.json", subsets, labels=labels, seed=7)
+    cfg = _config(npz, fraction=0.25, fractions_file=str(tmp_path / "fr.json"))
+    f, idx = ft.select_fraction(cfg, labels)
+    assert f == 0.25 and np.array_equal(idx, subsets[0.25])
+    assert len(idx) == 12 and np.bincount(labels[idx]).tolist() == [6, 6]
+
+
+# ---------------------------------------------------------------- bad input: exit code 2, one clear line
+
+def _run_cli(capsys, argv):
+    code = finetune_main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _base_argv(npz, tmp_path):
+    return ["--data", npz, "--out", str(tmp_path / "o"), "--preset", "test", "--device", "cpu"]
+
+
+def test_missing_files(npz, tmp_path, capsys):
+    code, err = _run_cli(capsys, _base_argv(str(tmp_path / "nope.npz"), tmp_path))
+    assert code == 2 and "nope.npz" in err and "Traceback" not in err
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", str(tmp_path / "missing.pt")])
+    assert code == 2 and "missing.pt" in err and "no such file" in err
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--fraction", "0.5", "--fractions-file",
+                                                             str(tmp_path / "fr.json")])
+    assert code == 2 and "fr.json" in err
+
+
+def test_wrong_arch_or_channels_for_checkpoint(npz, tmp_path, capsys, r18_export):
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", r18_export, "--arch", "resnet50"])
+    assert code == 2 and "resnet50" in err and "resnet18" in err
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", r18_export, "--in-chans", "1"])
+    assert code == 2 and "input channels" in err
+
+
+def test_corrupt_or_foreign_checkpoint(npz, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", str(tmp_path / "junk.pt")])
+    assert code == 2 and "junk.pt" in err and "Traceback" not in err
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(1)},
+               tmp_path / "partial.pt")
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", str(tmp_path / "partial.pt")])
+    assert code == 2 and "partial.pt" in err
+
+
+def test_unknown_fraction_and_foreign_fractions_file(npz, tmp_path, capsys):
+    from ctssl.data.splits import nested_fractions, write_fractions
+
+    labels = np.arange(48) % 2
+    write_fractions(tmp_path / "fr.json", nested_fractions(labels, [0.25, 0.5], seed=0), labels=labels, seed=0)
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--fraction", "0.1", "--fractions-file",
+                                                             str(tmp_path / "fr.json")])
+    assert code == 2 and "0.1" in err and "0.25" in err
+    other = np.arange(30) % 2
+    write_fractions(tmp_path / "other.json", nested_fractions(other, [0.5], seed=0), labels=other, seed=0)
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--fraction", "0.5", "--fractions-file",
+                                                             str(tmp_path / "other.json")])
+    assert code == 2 and "another training set" in err
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--fraction", "1.5"])
+    assert code == 2 and "(0, 1]" in err
+
+
+def test_positive_class(npz, tmp_path, capsys):
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--positive-class", "tumour"])
+    assert code == 2 and "tumour" in err and "0, 1" in err
+    cfg = _config(npz, positive_class="0")
+    assert ft.positive_index(cfg, ["0", "1"]) == 0
+    assert ft.positive_index(_config(npz, positive_class="CT_COVID"), ["CT_COVID", "CT_NonCOVID"]) == 0
