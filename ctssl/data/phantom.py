@@ -153,9 +153,13 @@ def _lung_geometry(p: dict, z: np.ndarray):
 
 
 def render_slices(
-    p: dict, z: np.ndarray, size: int, rng: np.random.Generator, nodules: Sequence[Nodule | None] | None = None
+    p: dict, z: np.ndarray, size: int, rng: np.random.Generator,
+    nodules: Sequence[Nodule | Sequence[Nodule] | None] | None = None,
 ) -> np.ndarray:
-    """HU images (len(z), size, size) of patient ``p`` at normalised heights ``z`` (0 = abdomen, 1 = apex)."""
+    """HU images (len(z), size, size) of patient ``p`` at normalised heights ``z`` (0 = abdomen, 1 = apex).
+
+    ``nodules`` has one entry per slice: None, a ``Nodule`` or a sequence of them.
+    """
     z = np.asarray(z, dtype=np.float32)
     s, n = len(z), int(size)
     px = 2.0 / n  # one pixel in normalised units
@@ -233,12 +237,9 @@ def render_slices(
     _paint(hu, _ellipse(u, v, 0.0, p["lung_cy"] - 0.06, tr, tr), -1000.0)
 
     if nodules is not None:
-        for i, nod in enumerate(nodules):
-            if nod is None:
-                continue
-            d = np.sqrt((u[0] - nod.u) ** 2 + (v[0] - nod.v) ** 2) / px
-            profile = 1.0 / (1.0 + np.exp(np.clip((d - nod.radius_px) / 0.6, -30, 30)))
-            hu[i] += profile.astype(np.float32) * (nod.hu - hu[i])
+        for i, entry in enumerate(nodules):
+            for nod in _as_nodule_list(entry):
+                hu[i] += nodule_profile(nod, size) * (nod.hu - hu[i])
 
     # scanner noise is correlated: add white noise before the point-spread blur, scaled so that
     # its standard deviation after the blur is noise_hu
@@ -248,6 +249,10 @@ def render_slices(
     hu = _blur(hu, sigma)
     hu[np.broadcast_to(u ** 2 + v ** 2 > 1.0, hu.shape)] = -1000.0  # outside the scanner's field of view
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.float32)
+
+
+VESSEL_DENSITY = 0.75
+"""Partial-volume factor of the rasterised vessels: thin branches read below blood HU, as in real CT."""
 
 
 def _vessel_fraction(p, z, n, la, lb, lung_cx, rng) -> np.ndarray:
@@ -293,21 +298,67 @@ def _vessel_fraction(p, z, n, la, lb, lung_cx, rng) -> np.ndarray:
     vessel_map += np.bincount(flat.ravel(), dot_w.ravel(), s * n * n)
     # a unit-density line blurred with sigma peaks at 1 / (sqrt(2 pi) sigma)
     blurred = _blur(vessel_map.reshape(s, n, n).astype(np.float32), sigma) * np.float32(np.sqrt(2 * np.pi) * sigma)
-    return np.clip(blurred, 0.0, 1.0)
+    return np.clip(VESSEL_DENSITY * blurred, 0.0, 1.0)
+
+
+NODULE_RADIUS_FRACTION = (0.035, 0.055)
+"""Nodule radius as a fraction of the image side (about 12-18 mm: 2-3 px at 64 px, 4-6.4 px at 128 px).
+
+A fraction rather than pixels so that a lesion keeps its anatomical size at every ``size`` and
+is still several pixels wide after the fine-tuning resize to 64 px."""
+SOLID_NODULE_HU = (-20.0, 80.0)
+SUBSOLID_NODULE_HU = (-450.0, -250.0)
+SUBSOLID_FRACTION = 0.2
+NODULE_COUNT_PROBS = (0.6, 0.3, 0.1)
+"""Probability of 1, 2 or 3 nodules on a positive labeled slice."""
+
+
+def _as_nodule_list(entry) -> list[Nodule]:
+    if entry is None:
+        return []
+    if isinstance(entry, Nodule):
+        return [entry]
+    return [n for n in entry if n is not None]
+
+
+def nodule_profile(nod: Nodule, size: int) -> np.ndarray:
+    """Soft disc (size, size) in [0, 1]: 1 inside ``nod``, a sub-pixel edge, 0 outside."""
+    n = int(size)
+    px = 2.0 / n
+    c = (np.arange(n, dtype=np.float32) + 0.5) * px - 1.0
+    d = np.sqrt((c[None, :] - nod.u) ** 2 + (c[:, None] - nod.v) ** 2) / px
+    return (1.0 / (1.0 + np.exp(np.clip((d - nod.radius_px) / 0.6, -30, 30)))).astype(np.float32)
 
 
 def random_nodule(p: dict, z: float, size: int, rng: np.random.Generator) -> Nodule:
-    """A nodule inside one lung at height ``z``: solid (about -50..60 HU) or ground glass."""
+    """A nodule wholly inside one lung at height ``z``: mostly solid (soft tissue HU), some subsolid."""
     _, la, lb = _lung_geometry(p, np.array([z], dtype=np.float32))
     side = -1.0 if rng.random() < 0.5 else 1.0
     lscale = _bump(np.array([z], np.float32), 0.58, 0.55)[0]
     cx = side * p["lung_sep"] * (0.9 + 0.1 * lscale)
-    ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0.0, 0.5))
-    radius_px = rng.uniform(2.0, 5.0) * size / 128.0
-    hu = rng.uniform(-550, -300) if rng.random() < 0.25 else rng.uniform(-50, 60)
+    radius_px = rng.uniform(*NODULE_RADIUS_FRACTION) * size
+    # keep the whole lesion (plus a pixel of lung) inside the lung ellipse
+    radius_norm = (radius_px + 1.0) * 2.0 / size
+    max_rad = float(np.clip(0.95 - radius_norm / max(min(la[0], lb[0]), 1e-6), 0.0, 0.75))
+    ang, rad = rng.uniform(0, 2 * np.pi), max_rad * np.sqrt(rng.uniform(0.0, 1.0))
+    hu = rng.uniform(*SUBSOLID_NODULE_HU) if rng.random() < SUBSOLID_FRACTION else rng.uniform(*SOLID_NODULE_HU)
     # lateral half of the lung, where the heart and the hilum do not hide it
     u = cx + side * abs(rad * np.cos(ang)) * la[0]
     return Nodule(float(u), float(p["lung_cy"] + rad * np.sin(ang) * lb[0]), float(radius_px), float(hu))
+
+
+def random_nodules(p: dict, z: float, size: int, rng: np.random.Generator) -> tuple[Nodule, ...]:
+    """One to three nodules on one slice (``NODULE_COUNT_PROBS``), not overlapping where avoidable."""
+    count = 1 + int(rng.choice(len(NODULE_COUNT_PROBS), p=NODULE_COUNT_PROBS))
+    chosen: list[Nodule] = []
+    for _ in range(count):
+        for _attempt in range(8):
+            nod = random_nodule(p, z, size, rng)
+            gap = [np.hypot(nod.u - o.u, nod.v - o.v) * size / 2 - nod.radius_px - o.radius_px for o in chosen]
+            if all(g > 1.0 for g in gap):
+                chosen.append(nod)
+                break
+    return tuple(chosen)
 
 
 def phantom_series(seed: int, patient: int, n_slices: int, size: int = 128) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -332,14 +383,14 @@ def phantom_series(seed: int, patient: int, n_slices: int, size: int = 128) -> t
 
 
 def labeled_slices(seed: int, patient: int, n_slices: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Independent chest slices of one patient, half with a nodule: HU (n, size, size), labels (n,)."""
+    """Independent chest slices of one patient, half with 1-3 nodules: HU (n, size, size), labels (n,)."""
     p = patient_params(seed, patient)
     rng = _rng(seed, patient, 2)
     labels = np.zeros(n_slices, dtype=np.int64)
     labels[: n_slices // 2 + (rng.random() < 0.5 if n_slices % 2 else 0)] = 1
     labels = rng.permutation(labels)
     z = rng.uniform(0.42, 0.8, n_slices).astype(np.float32)
-    nodules = [random_nodule(p, float(zi), size, rng) if y else None for zi, y in zip(z, labels)]
+    nodules = [random_nodules(p, float(zi), size, rng) if y else None for zi, y in zip(z, labels)]
     hu = np.concatenate([render_slices(p, z[i:i + 16], size, rng, nodules[i:i + 16]) for i in range(0, n_slices, 16)]) if n_slices else np.zeros((0, size, size), np.float32)
     return hu, labels
 
