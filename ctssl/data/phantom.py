@@ -301,14 +301,14 @@ def _vessel_fraction(p, z, n, la, lb, lung_cx, rng) -> np.ndarray:
     return np.clip(VESSEL_DENSITY * blurred, 0.0, 1.0)
 
 
-NODULE_RADIUS_FRACTION = (0.035, 0.055)
-"""Nodule radius as a fraction of the image side (about 12-18 mm: 2-3 px at 64 px, 4-6.4 px at 128 px).
-
-A fraction rather than pixels so that a lesion keeps its anatomical size at every ``size`` and
-is still several pixels wide after the fine-tuning resize to 64 px."""
+NODULE_RADIUS_FRACTION = (0.04, 0.06)
+"""Nodule radius as a fraction of the image side: 14-22 mm at the 360 mm field of view, i.e. large
+nodules and small masses, 2.6-3.8 px at 64 px and 5-7.7 px at 128 px. A fraction rather than
+pixels so a lesion keeps its anatomical size at every ``size`` and is still several pixels wide
+after the fine-tuning resize to 64 px (the toy study's scale)."""
 SOLID_NODULE_HU = (-20.0, 80.0)
-SUBSOLID_NODULE_HU = (-450.0, -250.0)
-SUBSOLID_FRACTION = 0.2
+SUBSOLID_NODULE_HU = (-350.0, -150.0)
+SUBSOLID_FRACTION = 0.1
 NODULE_COUNT_PROBS = (0.6, 0.3, 0.1)
 """Probability of 1, 2 or 3 nodules on a positive labeled slice."""
 

@@ -59,7 +59,10 @@ def test_labels_balanced_and_lesion_changes_the_lung():
     centre_col, centre_row = (nodule.u + 1) * 32 - 0.5, (nodule.v + 1) * 32 - 0.5
     assert changed.sum() >= 4 and changed.mean() < 0.03
     assert np.hypot(rows - centre_row, cols - centre_col).max() <= nodule.radius_px + 3
-    assert without[int(round(centre_row)), int(round(centre_col))] < -400  # it sits in lung
+    # it sits in a lung: most of its footprint was air-filled parenchyma (the rest vessels), never
+    # soft tissue, fat or bone, which are all above -200 HU
+    footprint = np.hypot(*np.meshgrid(np.arange(64) - centre_row, np.arange(64) - centre_col, indexing="ij"))
+    assert (without[footprint <= nodule.radius_px] < -500).mean() > 0.5
 
 
 def test_written_tree_reads_back_the_generated_hu(phantom_set):
@@ -129,3 +132,46 @@ def test_labeled_dicom_format_and_cli(tmp_path, capsys):
     assert "2 series (6 slices)" in capsys.readouterr().out
     assert len(list((tmp_path / "b" / "dicom").rglob("*.dcm"))) == 6
     assert main([str(tmp_path / "c"), "--size", "8"]) == 2
+
+
+def _lung_windowed_64(hu: np.ndarray) -> np.ndarray:
+    """What fine-tuning sees at the toy scale: the lung-windowed PNG, 64 px, min-max scaled."""
+    from ctssl.data.intensity import minmax_scale, resize_image
+    from ctssl.data.phantom import window_to_uint8
+
+    return minmax_scale(resize_image(window_to_uint8(hu).astype(np.float32), 64))
+
+
+@pytest.mark.parametrize("patient", [100000, 100003, 100007])
+def test_labeled_nodules_stay_visible_inside_the_lung_at_64_px(patient):
+    from ctssl.data.phantom import nodule_profile, random_nodules
+
+    p = patient_params(0, patient)
+    rng = np.random.default_rng(patient)
+    z = np.array([0.6], np.float32)
+    nodules = random_nodules(p, 0.6, 128, rng)
+    assert 1 <= len(nodules) <= 3
+    with_nodules = render_slices(p, z, 128, np.random.default_rng(5), [nodules])[0]
+    without = render_slices(p, z, 128, np.random.default_rng(5), None)[0]
+    lung_128 = without < -600
+    seen, lung_64 = _lung_windowed_64(with_nodules), resize_image_mask(lung_128)
+    for nod in nodules:
+        disc_128 = nodule_profile(nod, 128) > 0.5
+        # in a lung field: air-filled parenchyma between vessels, never over bone
+        assert lung_128[disc_128].mean() > 0.25 and without[disc_128].max() < 200
+        # the same lesion on the 64 px grid: same centre, half the radius in pixels
+        small = type(nod)(nod.u, nod.v, nod.radius_px / 2, nod.hu)
+        assert small.radius_px >= 2.0
+        inside = nodule_profile(small, 64) > 0.5
+        d = nodule_profile(type(nod)(nod.u, nod.v, small.radius_px + 4, nod.hu), 64) > 0.5
+        ring = d & ~(nodule_profile(type(nod)(nod.u, nod.v, small.radius_px + 1.5, nod.hu), 64) > 0.5) & lung_64
+        assert inside.sum() >= 12 and ring.sum() >= 8
+        # min-max units at 64 px: lung reads about 0.15, soft tissue about 0.9
+        assert seen[inside].mean() - np.median(seen[ring]) > 0.3
+
+
+def resize_image_mask(mask: np.ndarray) -> np.ndarray:
+    """A 128 px mask on the 64 px grid: pixels at least mostly inside it."""
+    from ctssl.data.intensity import resize_image
+
+    return resize_image(mask.astype(np.float32), 64) > 0.5
