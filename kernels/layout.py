@@ -1,0 +1,195 @@
+"""Conversions between dense ``(B, C, H, W)`` maps and packed active-patch rows.
+
+- pack (``sparse_input``; also the backward of unpack): row (n, y, x) reads the
+  dense pixel of patch n = (b, i, j) at (i*p + y, j*p + x), any input strides;
+- unpack (``to_dense``, ``densify``; also the backward of pack): every dense pixel
+  is written once, from its patch's row or, where the patch is masked, 0 or the
+  per-channel token, so no zero-fill pass is needed;
+- ``masked_channel_sum``: the token's gradient, the sum of the dense gradient over
+  masked pixels (block partials, then a fixed-order sum: deterministic).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+import triton
+import triton.language as tl
+
+from .reduce import sum_leading
+from .runtime import BACKEND, TunedKernel, check_tensor, config
+
+
+@triton.jit
+def _pack_kernel(img_ptr, rows_ptr, coords_ptr, M, C, P, s_b, s_c, s_h, s_w,
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """rows[m, c] = img[b, c, i*P + y, j*P + x] for row m = (slot n, y, x), coords[n] = (b, i, j)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = rm < M
+    c_ok = rc < C
+    PP = P * P
+    n = rm // PP
+    y = (rm % PP) // P
+    x = rm % P
+    b = tl.load(coords_ptr + n * 3, mask=m_ok, other=0).to(tl.int64)
+    i = tl.load(coords_ptr + n * 3 + 1, mask=m_ok, other=0)
+    j = tl.load(coords_ptr + n * 3 + 2, mask=m_ok, other=0)
+    pix = b * s_b + (i * P + y).to(tl.int64) * s_h + (j * P + x).to(tl.int64) * s_w
+    mask = m_ok[:, None] & c_ok[None, :]
+    v = tl.load(img_ptr + pix[:, None] + rc.to(tl.int64)[None, :] * s_c, mask=mask, other=0.0)
+    tl.store(rows_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], v.to(rows_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW,
+                   FILL_TOKEN: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, c, Y, X] (contiguous NCHW) = the packed row of pixel (b, Y, X), or 0 / token[c] if masked."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rp = pid_p * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = rp < NPIX
+    c_ok = rc < C
+    HW = H * W
+    b = rp // HW
+    yy = (rp % HW) // W
+    xx = rp % W
+    GH = H // P
+    slot = tl.load(slot_ptr + (b * GH + yy // P) * GW + xx // P, mask=p_ok, other=-1)
+    row = slot.to(tl.int64) * (P * P) + (yy % P) * P + xx % P
+    visible = (slot >= 0)[:, None] & c_ok[None, :]
+    v = tl.load(rows_ptr + row[:, None] * C + rc[None, :], mask=visible, other=0.0)
+    if FILL_TOKEN:
+        tok = tl.load(token_ptr + rc, mask=c_ok, other=0.0).to(v.dtype)
+        v = tl.where(visible, v, tok[None, :])
+    offs = (b.to(tl.int64) * C)[:, None] * HW + rc.to(tl.int64)[None, :] * HW + (yy * W + xx)[:, None]
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _masked_sum_kernel(g_ptr, slot_ptr, part_ptr, NPIX, C, H, W, P, GW, s_b, s_c, s_h, s_w,
+                       BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[block, c] = sum of g[b, c, Y, X] over this block's pixels that lie in masked patches."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rp = pid_p * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = rp < NPIX
+    c_ok = rc < C
+    HW = H * W
+    b = rp // HW
+    yy = (rp % HW) // W
+    xx = rp % W
+    GH = H // P
+    slot = tl.load(slot_ptr + (b * GH + yy // P) * GW + xx // P, mask=p_ok, other=0)
+    masked = (p_ok & (slot < 0))[:, None] & c_ok[None, :]
+    offs = (b.to(tl.int64) * s_b + yy.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None] \
+        + rc.to(tl.int64)[None, :] * s_c
+    g = tl.load(g_ptr + offs, mask=masked, other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid_p * C + rc, tl.sum(g, axis=0), mask=c_ok)
+
+
+_PACK = TunedKernel(_pack_kernel, [], key=[], fixed=config(4, 2, BLOCK_M=64, BLOCK_C=32),
+                    interp=config(BLOCK_M=1024, BLOCK_C=64))
+_UNPACK = TunedKernel(_unpack_kernel, [], key=[], fixed=config(4, 2, BLOCK_PIX=128, BLOCK_C=16),
+                      interp=config(BLOCK_PIX=1024, BLOCK_C=64))
+_MASKED_SUM = TunedKernel(_masked_sum_kernel, [], key=[], fixed=config(4, 2, BLOCK_PIX=256, BLOCK_C=16),
+                          interp=config(BLOCK_PIX=2048, BLOCK_C=64))
+
+
+def _check_tables(coords_or_slot: torch.Tensor, name: str, device) -> None:
+    check_tensor(name, coords_or_slot, device=device, dtypes=(torch.int32,))
+
+
+def pack(images: torch.Tensor, coords: torch.Tensor, p: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``(N*p*p, C)`` of the visible patches of a dense ``(B, C, H, W)`` map (any strides)."""
+    check_tensor("images", images, dim=4, contiguous=False)
+    _check_tables(coords, "coords", images.device)
+    if images.shape[2] % p or images.shape[3] % p:
+        raise ValueError(f"{BACKEND}: images of size {tuple(images.shape[2:])} are not a grid of {p}x{p} patches")
+    N, C = coords.shape[0], images.shape[1]
+    M = N * p * p
+    rows = torch.empty(M, C, device=images.device, dtype=out_dtype or images.dtype)
+    if M and C:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _PACK.launch(grid, images, rows, coords, M, C, p, *images.stride())
+    return rows
+
+
+def unpack(rows: torch.Tensor, slot: torch.Tensor, shape: tuple[int, int, int, int], p: int,
+           token: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense contiguous ``(B, C, H, W)`` from rows; masked patches hold 0, or ``token`` per channel."""
+    check_tensor("rows", rows, dim=2)
+    _check_tables(slot, "slot", rows.device)
+    B, C, H, W = shape
+    if rows.shape[1] != C:
+        raise ValueError(f"{BACKEND}: rows have {rows.shape[1]} channels, expected {C}")
+    if token is not None:
+        check_tensor("token", token, device=rows.device, dtypes=None)
+        if token.numel() != C:
+            raise ValueError(f"{BACKEND}: token has {token.numel()} entries, expected one per channel ({C})")
+    out = torch.empty(B, C, H, W, device=rows.device, dtype=rows.dtype)
+    npix = B * H * W
+    if npix and C:
+        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_PIX"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _UNPACK.launch(grid, rows, out, slot, token if token is not None else rows, npix, C, H, W, p, W // p,
+                       FILL_TOKEN=token is not None)
+    return out
+
+
+def masked_channel_sum(g: torch.Tensor, slot: torch.Tensor, p: int) -> torch.Tensor:
+    """fp32 ``(C,)``: the sum of a dense ``(B, C, H, W)`` map over pixels of masked patches."""
+    check_tensor("grad", g, dim=4, contiguous=False)
+    _check_tables(slot, "slot", g.device)
+    B, C, H, W = g.shape
+    npix = B * H * W
+    bp = _MASKED_SUM.meta()["BLOCK_PIX"]
+    blocks = triton.cdiv(npix, bp)
+    if blocks == 0 or C == 0:
+        return torch.zeros(C, device=g.device, dtype=torch.float32)
+    part = torch.empty(blocks, C, device=g.device, dtype=torch.float32)
+    _MASKED_SUM.launch(lambda meta: (blocks, triton.cdiv(C, meta["BLOCK_C"])), g, slot, part, npix, C, H, W, p,
+                       W // p, *g.stride())
+    return part[0] if blocks == 1 else sum_leading(part)
+
+
+# --- autograd ------------------------------------------------------------------------
+
+
+class PackFunction(torch.autograd.Function):
+    """Dense images -> packed rows; backward unpacks the row gradient (zeros where masked)."""
+
+    @staticmethod
+    def forward(ctx, images, coords, slot, p):
+        ctx.tables, ctx.p, ctx.shape, ctx.dtype = (coords, slot), p, tuple(images.shape), images.dtype
+        return pack(images, coords, p)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        coords, slot = ctx.tables
+        return unpack(g.contiguous(), slot, ctx.shape, ctx.p).to(ctx.dtype), None, None, None
+
+
+class UnpackFunction(torch.autograd.Function):
+    """Packed rows -> dense map (masked: 0 or token); backward packs the gradient and sums it over masked pixels."""
+
+    @staticmethod
+    def forward(ctx, rows, token, coords, slot, shape, p):
+        ctx.tables, ctx.p = (coords, slot), p
+        ctx.token_dtype = None if token is None else token.dtype
+        ctx.token_shape = None if token is None else token.shape
+        tok = None if token is None else token.detach().reshape(-1).contiguous()
+        return unpack(rows, slot, shape, p, tok)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        coords, slot = ctx.tables
+        d_rows = pack(g, coords, ctx.p) if ctx.needs_input_grad[0] else None
+        d_token = None
+        if ctx.token_dtype is not None and ctx.needs_input_grad[1]:
+            d_token = masked_channel_sum(g, slot, ctx.p).to(ctx.token_dtype).view(ctx.token_shape)
+        return d_rows, d_token, None, None, None, None

@@ -1,0 +1,145 @@
+"""Max pooling on packed active patches (ResNet's 3x3/2 stem pool, any aligned k/s/pad).
+
+Masked neighbour pixels read 0 and pixels beyond the image read -inf (PyTorch's
+padding), exactly as the dense reference pools a map that is zero where masked.
+The forward stores the winning tap per output element (int8); the backward is a
+gather: each input pixel collects dy from the outputs whose winner it was, in a
+fixed tap order (no atomics, deterministic).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+import triton
+import triton.language as tl
+
+from .conv import _source_rows
+from .runtime import BACKEND, TunedKernel, check_tensor, config
+
+
+@triton.jit
+def _maxpool_fwd_kernel(x_ptr, y_ptr, arg_ptr, nbr_ptr, M, C, Q, P, STRIDE, PAD,
+                        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y[row, c] = max over the K x K window; arg = index of the first maximum (NaN wins, like torch)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = rm < M
+    c_ok = rc < C
+    QQ = Q * Q
+    n = rm // QQ
+    a = (rm % QQ) // Q
+    b = rm % Q
+    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+    for ky in tl.static_range(K):
+        for kx in tl.static_range(K):
+            sy = a * STRIDE + ky - PAD
+            sx = b * STRIDE + kx - PAD
+            row, nslot = _source_rows(nbr_ptr, n, sy, sx, m_ok, P)
+            v = tl.load(x_ptr + row[:, None] * C + rc[None, :], mask=(nslot >= 0)[:, None] & c_ok[None, :],
+                        other=0.0).to(tl.float32)
+            v = tl.where((nslot == -2)[:, None], float("-inf"), v)  # beyond the image: padding
+            take = (v > best) | (v != v)
+            best = tl.where(take, v, best)
+            arg = tl.where(take, ky * K + kx, arg)
+    mask = m_ok[:, None] & c_ok[None, :]
+    offs = rm.to(tl.int64)[:, None] * C + rc[None, :]
+    tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(arg_ptr + offs, arg.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _maxpool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, nbr_ptr, M, C, Q, P, STRIDE, PAD,
+                        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx[input row, c] = sum of dy over the windows containing the pixel whose winner it was."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = rm < M
+    c_ok = rc < C
+    PP = P * P
+    n = rm // PP
+    iy = (rm % PP) // P
+    ix = rm % P
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for ky in tl.static_range(K):
+        ty = iy + PAD - ky + STRIDE * Q  # shifted to stay non-negative
+        for kx in tl.static_range(K):
+            tx = ix + PAD - kx + STRIDE * Q
+            hit = m_ok & (ty % STRIDE == 0) & (tx % STRIDE == 0)
+            row, nslot = _source_rows(nbr_ptr, n, ty // STRIDE - Q, tx // STRIDE - Q, hit, Q)
+            mask = (nslot >= 0)[:, None] & c_ok[None, :]
+            offs = row[:, None] * C + rc[None, :]
+            won = tl.load(arg_ptr + offs, mask=mask, other=-1).to(tl.int32) == ky * K + kx
+            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(won, g, 0.0)
+    mask = m_ok[:, None] & c_ok[None, :]
+    tl.store(dx_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_ROWWISE = dict(fixed=config(4, 2, BLOCK_M=64, BLOCK_C=64), interp=config(BLOCK_M=256, BLOCK_C=64))
+_FWD = TunedKernel(_maxpool_fwd_kernel, [], key=[], **_ROWWISE)
+_BWD = TunedKernel(_maxpool_bwd_kernel, [], key=[], **_ROWWISE)
+
+
+def _check_geometry(p: int, k: int, s: int, pad: int) -> int:
+    q = p // s
+    if s < 1 or p % s or (p + 2 * pad - k) // s + 1 != q:
+        raise ValueError(f"{BACKEND}: max pool kernel {k}, stride {s}, padding {pad} does not map patches of side "
+                         f"{p} onto side {q}")
+    if pad > p or k - 1 - pad + s * (q - 1) >= 2 * p or k * k > 127:
+        raise ValueError(f"{BACKEND}: max pool kernel {k} with padding {pad} reaches beyond the neighbour patches "
+                         f"of side {p}")
+    return q
+
+
+def maxpool_forward(x: torch.Tensor, nbr: torch.Tensor, num_patches: int, p: int, k: int, s: int, pad: int):
+    """``(y, arg)``: pooled rows ``(N*q*q, C)`` and the int8 winning tap of each element."""
+    check_tensor("x", x, dim=2)
+    check_tensor("neighbours", nbr, device=x.device, dtypes=(torch.int32,), dim=1)
+    if x.shape[0] != num_patches * p * p:
+        raise ValueError(f"{BACKEND}: x has {x.shape[0]} rows, expected {num_patches} patches of {p}x{p}")
+    q = _check_geometry(p, k, s, pad)
+    M, C = num_patches * q * q, x.shape[1]
+    y = torch.empty(M, C, device=x.device, dtype=x.dtype)
+    arg = torch.empty(M, C, device=x.device, dtype=torch.int8)
+    if M:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _FWD.launch(grid, x, y, arg, nbr, M, C, q, p, s, pad, K=k)
+    return y, arg
+
+
+def maxpool_backward(dy: torch.Tensor, arg: torch.Tensor, nbr: torch.Tensor, num_patches: int, p: int, k: int,
+                     s: int, pad: int) -> torch.Tensor:
+    """Input-gradient rows ``(N*p*p, C)`` of ``maxpool_forward``."""
+    check_tensor("grad_output", dy, dim=2)
+    check_tensor("argmax", arg, device=dy.device, dtypes=(torch.int8,), dim=2)
+    if arg.shape != dy.shape:
+        raise ValueError(f"{BACKEND}: argmax shape {tuple(arg.shape)} differs from grad_output {tuple(dy.shape)}")
+    q = _check_geometry(p, k, s, pad)
+    M, C = num_patches * p * p, dy.shape[1]
+    dx = torch.empty(M, C, device=dy.device, dtype=dy.dtype)
+    if M:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _BWD.launch(grid, dy, arg, dx, nbr, M, C, q, p, s, pad, K=k)
+    return dx
+
+
+class MaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, nbr, num_patches, p, k, s, pad):
+        y, arg = maxpool_forward(x, nbr, num_patches, p, k, s, pad)
+        ctx.save_for_backward(arg)
+        ctx.nbr, ctx.geom = nbr, (num_patches, p, k, s, pad)
+        ctx.mark_non_differentiable(arg)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (arg,) = ctx.saved_tensors
+        dx = maxpool_backward(dy.contiguous(), arg, ctx.nbr, *ctx.geom)
+        return dx, None, None, None, None, None, None

@@ -1,0 +1,95 @@
+"""Shared tools: run a module or model on the triton backend and on the float64 dense reference."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ctssl.sparse import PatchIndex, get_backend
+from ctssl.sparse.backends.triton import TritonBackend
+
+REASON = TritonBackend().unavailable_reason()
+needs_triton = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
+
+F64 = torch.float64
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm()
+    if denom == 0:
+        return float((a - b).norm())
+    return float((a - b).norm() / denom)
+
+
+def edge_masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A random mask, one with an empty and a full image, and one with a single visible patch."""
+    random = torch.rand(batch, h, w, generator=gen) < 0.5
+    random[0, 0, 0] = True
+    edge = random.clone()
+    edge[0] = False
+    if batch > 1:
+        edge[1] = True
+    single = torch.zeros(batch, h, w, dtype=torch.bool)
+    single[-1, h - 1, 0] = True
+    return [random, edge, single]
+
+
+def sparse_at(images, active, backend, stride: int = 1):
+    """A sparse map at ``stride``, built at stride 1 and brought down by non-overlapping average pooling."""
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    x = be.sparse_input(images, PatchIndex(active))
+    if stride > 1:
+        x = be.avg_pool2d(x, stride, stride, 0)
+    return x
+
+
+def grad_weight(shape, seed: int = 7) -> torch.Tensor:
+    """The same random float64 loss weights for every run of a comparison."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def run_module(module, images, active, backend, stride, dtype):
+    """Forward + backward of ``module`` on a sparse map; returns output, input/param grads and buffers."""
+    m = copy.deepcopy(module).to(dtype)
+    x = images.detach().to(dtype).requires_grad_(True)
+    y = m(sparse_at(x, active, backend, stride))
+    dense = y.to_dense()
+    (dense * grad_weight(dense.shape).to(dense.device, dtype)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+    buffers = {n: b.detach().clone() for n, b in m.named_buffers()}
+    return dict(out=dense.detach(), x_grad=x.grad.detach(), grads=grads, buffers=buffers, stride=y.stride)
+
+
+def assert_close(out: dict, ref: dict, tol: float, what: str = "") -> None:
+    assert out["stride"] == ref["stride"]
+    assert out["out"].shape == ref["out"].shape
+    assert rel_err(out["out"], ref["out"]) < tol, f"{what} output"
+    assert rel_err(out["x_grad"], ref["x_grad"]) < tol, f"{what} input grad"
+    assert out["grads"].keys() == ref["grads"].keys()
+    for name in ref["grads"]:
+        assert rel_err(out["grads"][name], ref["grads"][name]) < tol, f"{what} grad of {name}"
+    for name in ref["buffers"]:
+        assert rel_err(out["buffers"][name].double(), ref["buffers"][name].double()) < tol, f"{what} buffer {name}"
+
+
+def compare_module(make, cin, stride, gen, dtypes=(torch.float32,), size=(64, 96), batch=3, train=True,
+                   masks=None, tol=None, device="cpu"):
+    """``make()`` on the triton backend in each dtype against the dense backend in float64."""
+    H, W = size
+    images = torch.randn(batch, cin, H, W, generator=gen, dtype=F64)
+    if torch.float16 in dtypes or torch.bfloat16 in dtypes:  # the same (representable) inputs for every dtype
+        images = images.to(torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16).double()
+    images = images.to(device)
+    module = make().to(F64).to(device).train(train)
+    for active in masks if masks is not None else edge_masks(batch, H // 32, W // 32, gen):
+        active = active.to(device)
+        ref = run_module(module, images, active, "dense", stride, F64)
+        for dtype in dtypes:
+            out = run_module(module, images, active, "triton", stride, dtype)
+            assert_close(out, ref, tol or TOL[dtype], f"{dtype} mask {active.flatten(1).sum(1).tolist()}")
+            # masked positions are exactly zero
+            mask = PatchIndex(active).dense_mask(out["stride"])
+            assert (out["out"] * ~mask).abs().max() == 0
