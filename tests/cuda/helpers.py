@@ -8,6 +8,8 @@ from ctssl import _ext
 from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.backends.cuda import CudaBackend
 
+from ..sparse.helpers import edge_masks, rel_err  # noqa: F401  (shared with the sparse tests)
+
 EXT_REASON = _ext.missing_reason()
 needs_ext = pytest.mark.skipif(EXT_REASON is not None, reason=f"needs ctssl's compiled extension: {EXT_REASON}")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,24 +27,9 @@ class CpuTwin(CudaBackend):
         pass
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    denom = b.norm()
-    if denom == 0:
-        return float((a - b).norm())
-    return float((a - b).norm() / denom)
-
-
 def masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Random masks plus the edge cases: an image with none visible, one with all, a single patch."""
-    random = torch.rand(batch, h, w, generator=gen) < 0.5
-    edge = random.clone()
-    edge[0] = False
-    if batch > 1:
-        edge[1] = True
-    single = torch.zeros(batch, h, w, dtype=torch.bool)
-    single[-1, h - 1, 0] = True
-    return [random, edge, single]
+    return edge_masks(batch, h, w, gen)
 
 
 def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1):
