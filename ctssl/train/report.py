@@ -189,10 +189,41 @@ def robustness(records: Sequence[dict], metric: str) -> list[dict]:
     return ranked
 
 
-def robustness_statement(ranking: Sequence[dict], metric: str, reference: float) -> str:
+def at_chance_methods(rows: Sequence[dict], records: Sequence[dict], metric: str, reference: float) -> list[str]:
+    """Methods whose test metric at the reference fraction does not beat guessing by more than its seed spread.
+
+    Such a method cannot drop much because it has nothing to lose: ranking it as robust would
+    reward failure, so the verdict leaves it out and says so.
+    """
+    chance = chance_level(records, metric)
+    if chance is None:
+        return []
+    out = []
+    for r in rows:
+        if math.isclose(r["fraction"], reference):
+            std = 0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"]
+            if r[f"{metric}_mean"] - chance <= std:
+                out.append(r["method"])
+    return out
+
+
+def robustness_statement(ranking: Sequence[dict], metric: str, reference: float,
+                         exclude: Sequence[str] = ()) -> str:
     """The summary's verdict: the most robust method and whether the seed spread separates it."""
-    pool = [r for r in ranking if r["method"] != RANDOM_NAME] or list(ranking)
     ref = f"{reference:.0%}" if reference >= 0.01 else f"{reference:g}"
+    pre_trained = [r for r in ranking if r["method"] != RANDOM_NAME] or list(ranking)
+    pool = [r for r in pre_trained if r["method"] not in exclude]
+    note = ""
+    left_out = [r["method"] for r in pre_trained if r["method"] in exclude]
+    if left_out:
+        note = (f" Not ranked: {', '.join(left_out)} (test {metric} at {ref} does not beat guessing by more "
+                f"than the seed spread, so a small drop there means nothing).")
+    if not pool and left_out:
+        return "No robustness ranking." + note
+    return _verdict(pool, metric, ref) + note
+
+
+def _verdict(pool: Sequence[dict], metric: str, ref: str) -> str:
     if not pool:
         return (f"No robustness ranking: it needs runs at the reference fraction {ref} and at smaller "
                 f"fractions with the same seeds.")
@@ -329,7 +360,8 @@ def write_report(
     drops = relative_drop_rows(records, metrics)
     reference = reference_fraction(records)
     ranking = robustness(records, primary)
-    verdict = robustness_statement(ranking, primary, reference)
+    excluded = at_chance_methods(rows, records, primary, reference)
+    verdict = robustness_statement(ranking, primary, reference, excluded)
     caution = chance_warning(rows, records, primary, reference)
     if caution:
         verdict += " " + caution
@@ -378,7 +410,7 @@ def write_report(
     tmp = summary.with_name("summary.md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, summary)
-    pool = [r for r in ranking if r["method"] != RANDOM_NAME] or ranking
+    pool = [r for r in ranking if r["method"] != RANDOM_NAME and r["method"] not in excluded]
     return {"dir": str(out), "summary_md": str(summary), "plots": plots, "verdict": verdict,
             "most_robust": pool[0]["method"] if pool else None, "ranking": ranking, "n_runs": len(records)}
 

@@ -78,7 +78,8 @@ def test_sweep_writes_report_and_rerun_skips_every_cell(setup, monkeypatch, caps
     shas = {json.loads(p.read_text())["train_indices_sha"] for p in out.glob("runs/*/f0.25/seed*/metrics.json")}
     assert len(shas) == 1 and runs[0]["n_train"] == 10
     md = (report / "summary.md").read_text()
-    assert "| tiny |" in md and "| random |" in md and "Most robust method" in md and "seed" in md
+    assert "| tiny |" in md and "| random |" in md and "seed" in md
+    assert "Most robust method" in md or "Not ranked: tiny" in md
 
     def no_training(*a, **k):
         raise AssertionError("a finished cell was trained again")
@@ -186,3 +187,20 @@ def test_chance_level_results_are_flagged():
     for r in recs:
         r["accuracy"] += 0.3 if r["fraction"] == 1.0 else 0.0
     assert R.chance_warning(R.summarize(recs), recs, "accuracy", 1.0) is None
+
+
+def test_method_at_chance_at_full_labels_is_not_called_robust():
+    """A method that never beats guessing has nothing to lose: it must not win the ranking."""
+    recs = _records({
+        "spark": {1.0: [0.90, 0.88], 0.1: [0.80, 0.76]},
+        "byol": {1.0: [0.50, 0.50], 0.1: [0.55, 0.60]},  # chance on a balanced binary task
+    })
+    for r in recs:
+        r["majority_share"] = 0.5
+    rows = R.summarize(recs, ["accuracy"])
+    excluded = R.at_chance_methods(rows, recs, "accuracy", 1.0)
+    assert excluded == ["byol"]
+    text = R.robustness_statement(R.robustness(recs, "accuracy"), "accuracy", 1.0, excluded)
+    assert "**spark**" in text and "Not ranked: byol" in text
+    alone = R.robustness_statement(R.robustness(recs, "accuracy"), "accuracy", 1.0, ["byol", "spark"])
+    assert alone.startswith("No robustness ranking.")
