@@ -26,7 +26,9 @@ def test_study_end_to_end_then_resumes_without_work(tmp_path, monkeypatch, capsy
     methods = {r["method"] for r in rows}
     assert methods == {*study.PRESETS["test"].methods, "random"}
     assert {float(r["fraction"]) for r in rows} == set(study.PRESETS["test"].fractions)
-    assert (report / "accuracy.png").is_file() and "Most robust method" in (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text()
+    assert (report / "accuracy.png").is_file() and "## Robustness to fewer labels" in summary
+    assert "Most robust method" in summary or "No robustness ranking" in summary
     capsys.readouterr()
 
     import ctssl.train.pretrain_cli as pretrain_cli
