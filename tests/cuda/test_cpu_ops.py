@@ -14,6 +14,7 @@ from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
 
 from .helpers import CpuTwin, masks, needs_ext, rel_err, sparse_at
+from ..sparse.helpers import random_batchnorm
 
 pytestmark = needs_ext
 DT = torch.float64
@@ -121,15 +122,7 @@ def test_grouped_and_dilated_conv_matches_dense(rng):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batchnorm_matches_dense(train, momentum, rng):
-    def make():
-        bn = BatchNorm2d(3, momentum=momentum)
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-        return bn
-    _compare(make, 4, 3, rng, train=train, tol=1e-11)
+    _compare(lambda: random_batchnorm(3, momentum=momentum), 4, 3, rng, train=train, tol=1e-11)
 
 
 def test_batchnorm_without_affine_or_running_stats_matches_dense(rng):

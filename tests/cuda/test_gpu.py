@@ -13,6 +13,7 @@ from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
 
 from .helpers import masks, needs_ext, needs_gpu, rel_err, sparse_at
+from ..sparse.helpers import random_batchnorm
 
 pytestmark = [needs_ext, needs_gpu, pytest.mark.gpu]
 DTYPES = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative (norm) tolerance
@@ -71,15 +72,7 @@ def test_conv(k, s, p, stride, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm(dtype, train):
-    def make():
-        bn = BatchNorm2d(48)
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-        return bn
-    _module_vs_dense64(make, 4, 48, dtype, torch.Generator().manual_seed(2), train=train)
+    _module_vs_dense64(lambda: random_batchnorm(48), 4, 48, dtype, torch.Generator().manual_seed(2), train=train)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

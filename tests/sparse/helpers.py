@@ -38,3 +38,18 @@ def run_model(model, images, active, backend, loss_weights=None):
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     buffers = {n: b.clone() for n, b in m.named_buffers()}
     return [mp.detach() for mp in maps], x.grad.clone(), grads, buffers, loss_weights
+
+
+def random_batchnorm(channels: int, **kwargs):
+    """A sparse BatchNorm2d with non-trivial affine parameters and running statistics."""
+    from ctssl.sparse.modules import BatchNorm2d
+
+    bn = BatchNorm2d(channels, **kwargs)
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if bn.track_running_stats:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return bn

@@ -5,7 +5,7 @@ import torch
 from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.modules import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, ReLU6, DropPath
 
-from .helpers import edge_masks, rel_err
+from .helpers import edge_masks, random_batchnorm, rel_err
 
 DT = torch.float64
 
@@ -65,15 +65,7 @@ def test_grouped_and_dilated_conv_matches_dense(rng):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm_matches_dense(train, rng):
-    def make():
-        bn = BatchNorm2d(3)
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-        return bn
-    _compare(make, 4, 3, rng, train=train)
+    _compare(lambda: random_batchnorm(3), 4, 3, rng, train=train)
 
 
 def test_batchnorm_statistics_come_from_visible_pixels_only():

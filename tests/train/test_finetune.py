@@ -10,29 +10,10 @@ from ctssl.models import create_resnet, resnet18
 from ctssl.train import finetune as ft
 from ctssl.train.finetune_cli import main as finetune_main
 
-
-def write_npz(path, n=(48, 16, 16), size=16, seed=0):
-    """A MedMNIST-style binary set: a bright bar in the top (class 0) or bottom (class 1) half."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        y = np.arange(count) % 2
-        x = (rng.random((count, size, size)) * 60).astype(np.uint8)
-        for i, c in enumerate(y):
-            top = 2 if c == 0 else size // 2 + 2
-            x[i, top:top + 3, 3:size - 3] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
-    np.savez(path, **arrays)
-    return str(path)
+from .bars_data import write_npz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: one intra-op thread is as fast, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

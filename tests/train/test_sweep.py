@@ -13,29 +13,10 @@ from ctssl.train import finetune as ft
 from ctssl.train import report as R
 from ctssl.train.sweep import main as sweep_main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: one intra-op thread is as fast, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .bars_data import write_npz
 
 
-def write_npz(path, n=(40, 12, 12), size=16, seed=0):
-    """A MedMNIST-style binary set: a bright bar in the top (class 0) or bottom (class 1) half."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        y = np.arange(count) % 2
-        x = (rng.random((count, size, size)) * 60).astype(np.uint8)
-        for i, c in enumerate(y):
-            top = 2 if c == 0 else size // 2 + 2
-            x[i, top:top + 3, 3:size - 3] += 150
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
-    np.savez(path, **arrays)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +25,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     export = root / "r18.pt"
     torch.save(resnet18(in_chans=1).state_dict(), export)
-    return {"npz": write_npz(root / "bars.npz"), "export": str(export), "root": root}
+    return {"npz": write_npz(root / "bars.npz", n=(40, 12, 12)), "export": str(export), "root": root}
 
 
 def _argv(setup, out, *extra):

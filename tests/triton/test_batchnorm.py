@@ -9,21 +9,14 @@ from ctssl.sparse import PackedTensor
 from ctssl.sparse.backends.triton import PendingBatchNorm, TritonBackend
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, ReLU
 
+from ..sparse.helpers import random_batchnorm
 from .util import F64, compare_module, needs_triton, rel_err, sparse_at
 
 pytestmark = needs_triton
 
 
 def _bn(c=5, **kw):
-    bn = BatchNorm2d(c, **kw)
-    if bn.affine:
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-    if bn.track_running_stats:
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-    return bn
+    return random_batchnorm(c, **kw)
 
 
 @pytest.mark.parametrize("train", [True, False])
