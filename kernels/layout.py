@@ -43,6 +43,17 @@ def _pack_kernel(img_ptr, rows_ptr, coords_ptr, M, C, P, s_b, s_c, s_h, s_w,
 
 
 @triton.jit
+def _dense_pixel_slot(slot_ptr, rp, p_ok, H, W, P, GW):
+    """Image b, row yy, column xx of dense pixels ``rp`` and the slot of the patch holding each (-1: masked)."""
+    HW = H * W
+    b = rp // HW
+    yy = (rp % HW) // W
+    xx = rp % W
+    slot = tl.load(slot_ptr + (b * (H // P) + yy // P) * GW + xx // P, mask=p_ok, other=-1)
+    return b, yy, xx, slot
+
+
+@triton.jit
 def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW,
                    FILL_TOKEN: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b, c, Y, X] (contiguous NCHW) = the packed row of pixel (b, Y, X), or 0 / token[c] if masked."""
@@ -52,12 +63,8 @@ def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW,
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = rp < NPIX
     c_ok = rc < C
+    b, yy, xx, slot = _dense_pixel_slot(slot_ptr, rp, p_ok, H, W, P, GW)
     HW = H * W
-    b = rp // HW
-    yy = (rp % HW) // W
-    xx = rp % W
-    GH = H // P
-    slot = tl.load(slot_ptr + (b * GH + yy // P) * GW + xx // P, mask=p_ok, other=-1)
     row = slot.to(tl.int64) * (P * P) + (yy % P) * P + xx % P
     visible = (slot >= 0)[:, None] & c_ok[None, :]
     v = tl.load(rows_ptr + row[:, None] * C + rc[None, :], mask=visible, other=0.0)
@@ -78,12 +85,7 @@ def _masked_sum_kernel(g_ptr, slot_ptr, part_ptr, NPIX, C, H, W, P, GW, s_b, s_c
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = rp < NPIX
     c_ok = rc < C
-    HW = H * W
-    b = rp // HW
-    yy = (rp % HW) // W
-    xx = rp % W
-    GH = H // P
-    slot = tl.load(slot_ptr + (b * GH + yy // P) * GW + xx // P, mask=p_ok, other=0)
+    b, yy, xx, slot = _dense_pixel_slot(slot_ptr, rp, p_ok, H, W, P, GW)
     masked = (p_ok & (slot < 0))[:, None] & c_ok[None, :]
     offs = (b.to(tl.int64) * s_b + yy.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None] \
         + rc.to(tl.int64)[None, :] * s_c
