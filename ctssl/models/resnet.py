@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..sparse import PatchIndex, SparseTensor, check_images, check_mask, get_backend
+from ..sparse import sparse_input
 from ..sparse.backends import Backend
-from ..sparse.modules import AvgPool2d, BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
+from ..sparse.modules import BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> Conv2d:
@@ -157,12 +157,9 @@ class ResNet(nn.Module):
         ``active`` is a boolean ``(B, H/32, W/32)`` patch mask. Returns dense maps with
         zeros at masked positions, or the ``SparseTensor`` maps with ``return_sparse``.
         """
-        check_images(images, self.patch_size, check_finite)
-        check_mask(active, images, self.patch_size)
-        if images.shape[1] != self.conv1.in_channels:
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] != self.conv1.in_channels:
             raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {self.conv1.in_channels}")
-        be = get_backend(backend, images.device)
-        x = be.sparse_input(images, PatchIndex(active, self.patch_size))
+        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite)
         maps = self._stages(x)
         return maps if return_sparse else [m.to_dense() for m in maps]
 
