@@ -8,7 +8,7 @@
 
 TORCH_LIBRARY(ctssl, m) {
   // tables from the patch mask
-  m.def("patch_tables(Tensor active, int num_patches) -> (Tensor slot, Tensor patch_ids, Tensor neighbours)");
+  m.def("patch_tables(Tensor active, SymInt num_patches) -> (Tensor slot, Tensor patch_ids, Tensor neighbours)");
   // layout conversion
   m.def("pack_patches(Tensor images, Tensor patch_ids, int grid_h, int grid_w) -> Tensor");
   m.def("densify(Tensor rows, Tensor slot, int patch_side, Tensor? token) -> Tensor");

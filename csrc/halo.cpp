@@ -243,8 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_entry(
     const at::Tensor gh = std::get<0>(grads).permute({0, 2, 3, 1}).contiguous();  // (N, P, P, C)
     grad_rows = g.pad > 0 ? scatter(gh, nbr, g.p, g.pad) : gh.view({-1, g.C});
   }
-  grad_weight = std::get<1>(grads);
-  grad_bias = std::get<2>(grads);
+  // Some convolution_backward implementations (CPU mkldnn) compute grad_weight even when it was not
+  // requested: return exactly what output_mask asks for, as the gemm path and the fake impl do.
+  if (output_mask[1]) grad_weight = std::get<1>(grads);
+  if (output_mask[2]) grad_bias = std::get<2>(grads);
   return {grad_rows, grad_weight, grad_bias};
 }
 

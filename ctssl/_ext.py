@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -35,6 +36,8 @@ def load():
             if missing:
                 module, reason = None, (f"ctssl._C loaded but lacks the operators {', '.join(missing)} "
                                         f"(a stale build); {_REBUILD}")
+            else:
+                _register_fakes()
         _state["module"], _state["reason"] = module, reason
     return _state["module"]
 
@@ -50,6 +53,19 @@ def require() -> None:
     reason = missing_reason()
     if reason:
         raise RuntimeError(reason)
+
+
+def _register_fakes() -> None:
+    """Fake impls for FakeTensor / torch.compile (ctssl._fake_ops); a failure there is warned about and
+    kept in ``_state["fake_error"]``, never fatal: the eager operators work without them."""
+    try:
+        from . import _fake_ops
+        _fake_ops.register()
+    except Exception as exc:  # noqa: BLE001 (any failure: keep the eager operators usable)
+        _state["fake_error"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"ctssl: fake impls of torch.ops.ctssl.* not registered ({_state['fake_error']}); "
+                      "torch.compile and FakeTensor tracing of the cuda backend will fail", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _nvcc_found() -> bool:

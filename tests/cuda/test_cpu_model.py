@@ -64,3 +64,37 @@ def test_encoder_float32_is_as_accurate_as_dense_float32():
     e_dense, e_twin = errors(dense32), errors(twin32)
     assert e_twin[:4].max() < 1e-4
     assert (e_twin <= 10 * e_dense + 1e-5).all()
+
+
+class _CountingOps:
+    """torch.ops.ctssl with a record of how each bn_apply was called (residual, activation)."""
+
+    def __init__(self, ops):
+        self._ops, self.bn_apply_calls = ops, []
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def bn_apply(self, rows, mean, invstd, weight, bias, residual, activation):
+        self.bn_apply_calls.append((residual is not None, activation))
+        return self._ops.bn_apply(rows, mean, invstd, weight, bias, residual, activation)
+
+
+@pytest.mark.parametrize("arch,blocks,relu_bns,downsamples", [("resnet18", 8, 1 + 8, 3), ("resnet50", 16, 1 + 32, 4)])
+def test_block_tails_run_as_one_fused_batchnorm_pass(monkeypatch, arch, blocks, relu_bns, downsamples):
+    """Every ``relu(bn(x))`` and ``relu(bn(x) + identity)`` is one bn_apply call; only the
+    downsample BNs (read as a residual) run alone."""
+    from ctssl.sparse.backends import cuda
+
+    counting = _CountingOps(torch.ops.ctssl)
+    monkeypatch.setattr(cuda, "_ops", lambda: counting)
+    model = create_resnet(arch).double().train()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    active = torch.ones(2, 2, 2, dtype=torch.bool)
+    model.forward_masked(images, active, CpuTwin())
+    calls = counting.bn_apply_calls
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert len(calls) == n_bn
+    assert calls.count((True, 1)) == blocks  # each block's tail: bn + identity + relu
+    assert calls.count((False, 1)) == relu_bns  # the stem's and the blocks' inner bn + relu
+    assert calls.count((False, 0)) == downsamples  # shortcut BNs, read as the residual

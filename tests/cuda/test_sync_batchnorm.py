@@ -1,6 +1,5 @@
 """Synchronized BatchNorm on the operators: two gloo ranks on the CPU equal one process on all rows."""
 import os
-import socket
 
 import pytest
 import torch
@@ -33,9 +32,9 @@ def _step(rows, gy, res, group):
     return y.detach(), x.grad, r.grad, w.grad, b.grad, rm, rv
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank, store_path, out_dir):
+    # a file store, not a TCP port: no race with other processes for a free port
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         import ctssl._C  # noqa: F401  (registers torch.ops.ctssl in the child)
         rows, gy, res = _data()
@@ -46,16 +45,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     if not dist.is_available():
         pytest.skip("needs torch.distributed (gloo)")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     rows, gy, res = _data()
     ref = _step(rows, gy, res, None)

@@ -8,7 +8,9 @@ both compiled, no host syncs, so steps can be captured in CUDA graphs):
   backward recomputes the halo and folds its gradient back with a deterministic gather;
 - BatchNorm: Welford statistics, apply with fused ReLU/ReLU6 and residual, two-kernel
   backward; SyncBatchNorm all-reduces (sum, sum of squares, count) once forward and
-  (sum dz, sum dz*xhat) once backward;
+  (sum dz, sum dz*xhat) once backward. ``batch_norm`` returns a pending tensor
+  (ctssl.sparse.pending): statistics final, apply deferred, so ``relu(bn(x) + identity)``
+  in a ResNet block runs as one apply kernel, forward and backward;
 - max pool: masked taps read 0, taps beyond the image are skipped (-inf padding).
 Average pooling and per-image scaling are inherited from the ``torch`` backend.
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from ... import _ext
 from ..index import PatchIndex
+from ..pending import PendingBatchNorm
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, pair
 from .torch_packed import TorchBackend
@@ -157,31 +160,45 @@ def _sync_stats(mean, var, count: int, group):
     return g_mean.to(mean.dtype), g_var.to(mean.dtype), total
 
 
-class RowBatchNorm(torch.autograd.Function):
-    """BatchNorm over rows with optional fused residual add and ReLU/ReLU6; synchronized with a group."""
+@dataclass
+class RowStats:
+    """What the apply pass needs: mean and 1/std in the accumulation dtype, and the row count
+    (a device tensor when synchronized, so no host sync; an int otherwise)."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    count: "int | torch.Tensor"
+    batch: bool  # batch statistics (their gradient flows into the rows) or running ones
+    group: object = None
+
+
+def row_stats(rows, running_mean, running_var, use_batch_stats, momentum, eps, group=None) -> RowStats:
+    """Welford statistics of the rows (all-reduced over ``group``), updating the running ones at once."""
+    with torch.no_grad():
+        if not use_batch_stats:
+            acc = _acc_dtype(rows.dtype)
+            return RowStats(running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), rows.shape[0], False)
+        mean, var = _ops().bn_stats(rows.detach())
+        count = rows.shape[0]
+        if group is not None:
+            mean, var, count = _sync_stats(mean, var, count, group)
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, count, momentum)
+        return RowStats(mean, torch.rsqrt(var + eps), count, True, group)
+
+
+class RowBatchNormApply(torch.autograd.Function):
+    """``act(bn(rows) + residual)`` with given statistics, in one pass; the backward treats batch
+    statistics as functions of the rows (and all-reduces its two sums when synchronized)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, residual, running_mean, running_var, use_batch_stats, momentum, eps,
-                activation, group):
-        ops = _ops()
-        count = rows.shape[0]
-        if use_batch_stats:
-            mean, var = ops.bn_stats(rows)
-            if group is not None:
-                mean, var, count = _sync_stats(mean, var, count, group)
-            if running_mean is not None:
-                _update_running(running_mean, running_var, mean, var, count, momentum)
-            invstd = torch.rsqrt(var + eps)
-        else:
-            acc = _acc_dtype(rows.dtype)
-            mean = running_mean.to(acc)
-            invstd = torch.rsqrt(running_var.to(acc) + eps)
-        y = ops.bn_apply(rows, mean, invstd, weight, bias, residual, activation)
-        ctx.save_for_backward(rows, y if activation else None, mean, invstd, weight,
-                              count if isinstance(count, torch.Tensor) else None)
-        ctx.count = count if not isinstance(count, torch.Tensor) else None
-        ctx.use_batch_stats, ctx.activation, ctx.group = use_batch_stats, activation, group
-        ctx.has_residual = residual is not None
+    def forward(ctx, rows, weight, bias, residual, mean, invstd, count, batch_stats, activation, group):
+        """``count``: an int, or a device tensor when synchronized (no host sync)."""
+        y = _ops().bn_apply(rows, mean, invstd, weight, bias, residual, activation)
+        count_t = count if isinstance(count, torch.Tensor) else None
+        ctx.save_for_backward(rows, y if activation else None, mean, invstd, weight, count_t)
+        ctx.count = None if count_t is not None else count
+        ctx.use_batch_stats, ctx.activation, ctx.group = batch_stats, activation, group
         ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -215,24 +232,62 @@ class RowBatchNorm(torch.autograd.Function):
                 grad_res = grad_z if act != 0 else grad_y
             if not need[0]:
                 grad_rows = None
-        return grad_rows, grad_weight, grad_bias, grad_res, None, None, None, None, None, None, None
+        return grad_rows, grad_weight, grad_bias, grad_res, None, None, None, None, None, None
+
+
+def _check_activation(activation) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(k for k in ACTIVATIONS if k)} or None, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def _residual_rows(residual, rows):
+    if residual is None:
+        return None
+    if residual.shape != rows.shape:
+        raise ValueError(f"residual must have the shape of the rows {tuple(rows.shape)}, got {tuple(residual.shape)}")
+    return residual.to(rows.dtype).contiguous()
+
+
+def apply_row_batch_norm(rows, weight, bias, stats: RowStats, activation=None, residual=None) -> torch.Tensor:
+    """The apply pass alone, for statistics computed by ``row_stats``."""
+    act = _check_activation(activation)
+    residual = _residual_rows(residual, rows)
+    if rows.shape[0] == 0 and stats.group is None:  # nothing to normalise, no collective to join
+        return rows if residual is None else rows + residual
+    return RowBatchNormApply.apply(rows.contiguous(), weight, bias, residual, stats.mean, stats.invstd, stats.count,
+                                   stats.batch, act, stats.group)
 
 
 def row_batch_norm(rows, weight, bias, running_mean, running_var, training, momentum, eps, process_group=None,
                    activation=None, residual=None) -> torch.Tensor:
     """``batch_norm_rows`` on the compiled operators, with fused ``activation`` and ``residual``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(k for k in ACTIVATIONS if k)} or None, got {activation!r}")
+    _check_activation(activation)
     use_batch_stats = training or running_mean is None
     group = process_group if use_batch_stats and _distributed(process_group) else None
-    if residual is not None:
-        if residual.shape != rows.shape:
-            raise ValueError(f"residual must have the shape of the rows {tuple(rows.shape)}, got {tuple(residual.shape)}")
-        residual = residual.to(rows.dtype).contiguous()
-    if rows.shape[0] == 0 and group is None:
+    if rows.shape[0] == 0 and group is None:  # nothing to normalise, no collective to join
+        residual = _residual_rows(residual, rows)
         return rows if residual is None else rows + residual
-    return RowBatchNorm.apply(rows.contiguous(), weight, bias, residual, running_mean, running_var,
-                              use_batch_stats, momentum, eps, ACTIVATIONS[activation], group)
+    stats = row_stats(rows.contiguous(), running_mean, running_var, use_batch_stats, momentum, eps, group)
+    return apply_row_batch_norm(rows, weight, bias, stats, activation, residual)
+
+
+class _PendingRowBN:
+    """``bn(x1) [+ res]`` whose statistics are final; the cuda backend's fused kernel applies it."""
+
+    __slots__ = ("x1", "weight", "bias", "stats", "res")
+
+    def __init__(self, x1, weight, bias, stats: RowStats, res=None):
+        self.x1, self.weight, self.bias, self.stats, self.res = x1, weight, bias, stats, res
+
+    def plus(self, other: SparseTensor) -> "_PendingRowBN | None":
+        """This BN with ``other`` as its residual (read, so a pending ``other`` is applied alone)."""
+        if self.res is not None:
+            return None
+        r = other.values
+        if r.dtype != self.x1.dtype or r.shape != self.x1.shape:
+            return None
+        return _PendingRowBN(self.x1, self.weight, self.bias, self.stats, r)
 
 
 def _distributed(process_group) -> bool:
@@ -335,22 +390,40 @@ class CudaBackend(TorchBackend):
         return PackedTensor(y, x.index, out_stride, self)
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps, process_group=None):
-        return self.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                   process_group)
-
-    def batch_norm_act(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       process_group=None, activation=None, residual: SparseTensor | None = None) -> SparseTensor:
-        """BatchNorm with the residual add and ReLU/ReLU6 fused into its apply pass:
-        ``act(bn(x) + residual)``, the order of a ResNet block's tail."""
+        """Statistics now (running ones updated), the apply pass pending: ``relu``/``relu6``/``add``
+        on the result fold into it, so a ResNet block's ``relu(bn(x) + identity)`` is one kernel."""
         self.check_device(x.values.device)
-        res = None
-        if residual is not None:
-            if residual.index is not x.index or residual.stride != x.stride:
-                raise ValueError("batch_norm_act: residual must share the input's index and stride")
-            res = residual.values
-        rows = row_batch_norm(x.values, weight, bias, running_mean, running_var, training, momentum, eps,
-                              process_group, activation, res)
-        return x.with_values(rows)
+        rows = x.values.contiguous()
+        use_batch_stats = training or running_mean is None
+        group = process_group if use_batch_stats and _distributed(process_group) else None
+        if rows.shape[0] == 0 and group is None:  # nothing visible: like batch_norm_rows, the input
+            return x
+        stats = row_stats(rows, running_mean, running_var, use_batch_stats, momentum, eps, group)
+        return PendingBatchNorm(_PendingRowBN(rows, weight, bias, stats), x.index, x.stride, self)
+
+    def _apply(self, p: _PendingRowBN, activation: str | None) -> torch.Tensor:
+        return apply_row_batch_norm(p.x1, p.weight, p.bias, p.stats, activation, p.res)
+
+    def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
+        return self._activate(x, "relu") or super().relu(x, inplace)
+
+    def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
+        return self._activate(x, "relu6") or super().relu6(x, inplace)
+
+    def _activate(self, x: SparseTensor, activation: str) -> SparseTensor | None:
+        if isinstance(x, PendingBatchNorm) and x.unapplied:
+            return PackedTensor(self._apply(x.pending, activation), x.index, x.stride, self)
+        return None
+
+    def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
+        """``bn(x) + r`` stays pending with ``r`` as the fused residual (either operand order)."""
+        if isinstance(b, SparseTensor) and a.index is b.index and a.stride == b.stride and a.backend is b.backend:
+            for first, second in ((a, b), (b, a)):
+                if isinstance(first, PendingBatchNorm) and first.unapplied:
+                    merged = first.pending.plus(second)
+                    if merged is not None:
+                        return PendingBatchNorm(merged, a.index, a.stride, self)
+        return super().add(a, b)
 
     def max_pool2d(self, x, kernel_size, stride, padding):
         out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
@@ -362,5 +435,6 @@ class CudaBackend(TorchBackend):
         return PackedTensor(y, x.index, out_stride, self)
 
 
-__all__ = ["CudaBackend", "PatchTables", "patch_tables", "row_batch_norm", "PackPatches", "Densify",
-           "MaskedConv2d", "RowBatchNorm", "MaskedMaxPool2d", "ACTIVATIONS"]
+__all__ = ["CudaBackend", "PatchTables", "patch_tables", "RowStats", "row_stats", "apply_row_batch_norm",
+           "row_batch_norm", "PackPatches", "Densify", "MaskedConv2d", "RowBatchNormApply", "MaskedMaxPool2d",
+           "ACTIVATIONS"]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..index import PatchIndex
+from ..pending import PendingBatchNorm
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, pair
 from .torch_packed import TorchBackend
@@ -199,16 +200,16 @@ class TritonBackend(TorchBackend):
             return PackedTensor(v, x.index, x.stride, self)
         pending = _PendingBN(v, stats, weight, bias)  # (a rank without rows still joins the backward all-reduce)
         if not self.fuse:
-            return PackedTensor(self._apply(pending, relu=False), x.index, x.stride, self)
+            return PackedTensor(self._apply(pending, None), x.index, x.stride, self)
         return PendingBatchNorm(pending, x.index, x.stride, self)
 
-    def _apply(self, p: "_PendingBN", relu: bool) -> torch.Tensor:
-        return BatchNormActFunction.apply(relu, p.s1, p.s2, p.x1, p.w1, p.b1, p.x2, p.w2, p.b2, p.res)
+    def _apply(self, p: "_PendingBN", activation: str | None) -> torch.Tensor:
+        return BatchNormActFunction.apply(activation == "relu", p.s1, p.s2, p.x1, p.w1, p.b1, p.x2, p.w2, p.b2, p.res)
 
     # --- elementwise ---------------------------------------------------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
         if isinstance(x, PendingBatchNorm) and x.unapplied:
-            return PackedTensor(self._apply(x.pending, relu=True), x.index, x.stride, self)
+            return PackedTensor(self._apply(x.pending, "relu"), x.index, x.stride, self)
         return x.map(F.relu)  # out of place: autograd may have saved the values
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
@@ -274,48 +275,3 @@ class _PendingBN:
         if r.dtype == self.x1.dtype and r.shape == self.x1.shape:
             return _PendingBN(self.x1, self.s1, self.w1, self.b1, res=r.contiguous())
         return None
-
-
-class PendingBatchNorm(PackedTensor):
-    """Result of ``batch_norm`` (maybe plus a residual) that is applied on first use of ``values``.
-
-    The backend's ``relu`` and ``add`` look at ``pending`` and fuse; anything else
-    reads ``values`` and gets the BatchNorm applied alone (then cached).
-    """
-
-    __slots__ = ("pending", "_applied")
-
-    def __init__(self, pending: _PendingBN, index, stride, backend):
-        self.pending = pending
-        self._applied = None
-        super().__init__(None, index, stride, backend)
-
-    @property
-    def values(self):
-        if self._applied is None:
-            self._applied = self.backend._apply(self.pending, relu=False)
-        return self._applied
-
-    @values.setter
-    def values(self, v):
-        if v is not None:
-            self._applied = v
-
-    @property
-    def unapplied(self) -> bool:
-        return self._applied is None
-
-    @property
-    def channels(self) -> int:
-        return self.pending.x1.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pending.x1.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.pending.x1.device
-
-    def with_values(self, values, stride=None):
-        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)

@@ -1,0 +1,60 @@
+"""A BatchNorm result whose normalisation is applied on first use, so a backend can fuse it.
+
+Backends with a fused "BatchNorm apply + residual + activation" pass (``triton``,
+``cuda``) return a ``PendingBatchNorm`` from ``batch_norm``: the statistics are final
+(running statistics already updated), only the apply pass waits. The backend's
+``relu``/``relu6``/``add`` look at ``pending`` and fold themselves into that pass; any
+other reader of ``values`` gets the BatchNorm applied alone (then cached).
+
+The backend provides ``_apply(pending, activation)`` (activation None, "relu" or
+"relu6"); ``pending`` exposes ``x1``, the rows being normalised.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tensor import PackedTensor
+
+
+class PendingBatchNorm(PackedTensor):
+    """``bn(x) [+ residual]`` with known statistics, applied when ``values`` is first read."""
+
+    __slots__ = ("pending", "_applied")
+
+    def __init__(self, pending, index, stride, backend):
+        self.pending = pending
+        self._applied = None
+        super().__init__(None, index, stride, backend)
+
+    @property
+    def values(self):
+        if self._applied is None:
+            self._applied = self.backend._apply(self.pending, None)
+        return self._applied
+
+    @values.setter
+    def values(self, v):
+        if v is not None:
+            self._applied = v
+
+    @property
+    def unapplied(self) -> bool:
+        return self._applied is None
+
+    @property
+    def channels(self) -> int:
+        return self.pending.x1.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pending.x1.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pending.x1.device
+
+    def with_values(self, values, stride=None):
+        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
+
+
+__all__ = ["PendingBatchNorm"]
