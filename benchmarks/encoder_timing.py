@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from bench_config import (CPU_NO_BACKWARD, CPU_NOT_TIMED, EMULATION, NOMASK, PROFILE, backend_names, device_name,  # noqa: E402
                           registry_status, versions)
+from bench_profile import kernel_profile, profile_markdown  # noqa: E402
 from bench_timing import event_times_ms, peak_memory_bytes, summary_ms, synchronize, torch_threads  # noqa: E402
 
 FORMAT = "ctssl-encoder-timing/1"
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch CPU threads while timing (default: 1 on a CPU, unchanged on a GPU)")
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="stop starting new configurations after this many seconds (0: no limit)")
+    ap.add_argument("--profile-kernels", type=int, default=0, metavar="TOP",
+                    help="also profile each backend's encoder step at the first mask ratio and keep its TOP kernels")
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile-kernels")
     ap.add_argument("--json", required=True, help="output JSON path")
     ap.add_argument("--markdown", help="output Markdown path")
     args = ap.parse_args(argv)
@@ -121,13 +125,14 @@ def why_not(name: str, device: torch.device) -> str | None:
     return None
 
 
-def time_one(build, args, profile) -> dict[str, Any]:
-    """Build a workload, check its first loss, time it, measure its peak memory."""
+def time_one(build, args, profile, kernels: bool = False) -> dict[str, Any]:
+    """Build a workload, check its first loss, time it, measure its peak memory (and, with
+    ``kernels``, profile a few steps by kernel)."""
     with torch_threads(args.threads if args.threads is not None else (1 if profile.device.type == "cpu" else None)):
-        return _time_one(build, args, profile)
+        return _time_one(build, args, profile, kernels)
 
 
-def _time_one(build, args, profile) -> dict[str, Any]:
+def _time_one(build, args, profile, kernels: bool) -> dict[str, Any]:
     device = profile.device
     work = build()
     loss = float(work.step(work.inputs[0]))
@@ -138,6 +143,12 @@ def _time_one(build, args, profile) -> dict[str, Any]:
     row = {**work.info, **stats, "times_ms": times, "wall_ms_per_step": wall_ms,
            "images_per_s": work.images / (stats["median_ms"] / 1e3) if stats["median_ms"] > 0 else None,
            "peak_mem_bytes": peak, "loss": loss, "loss_finite": math.isfinite(loss), "status": "ok"}
+    if kernels:
+        try:
+            row["kernel_profile"] = kernel_profile(work.step, work.inputs, device, steps=args.profile_steps,
+                                                   top=args.profile_kernels)
+        except Exception as exc:  # noqa: BLE001 - a profiler failure (CUPTI) must not cost the timing
+            row["kernel_profile_error"] = f"{type(exc).__name__}: {exc}"
     return row
 
 
@@ -211,6 +222,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Not timed:", ""]
         lines += [f"- {backend}, {status} ({'; '.join(wheres)}): {reason}"
                   for (backend, status, reason), wheres in seen.items()]
+    profiled = [r for r in result["results"] if r.get("status") == "ok" and "kernel_profile" in r]
+    if profiled:
+        lines += ["", "## Where the time goes", ""]
+        for r in profiled:
+            lines += profile_markdown(f"{r['backend']}, mask {fmt(r['mask_ratio'], '.2f', '-')}", r["kernel_profile"])
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +301,8 @@ def main(argv=None) -> int:
                 return spark_workload(profile, backend, ratio)
         t0 = time.monotonic()
         try:
-            row = {**base, **time_one(build, args, profile)}
+            kernels = args.profile_kernels > 0 and kind == "encoder" and ratio in (None, args.ratios[0])
+            row = {**base, **time_one(build, args, profile, kernels)}
             print(f"  {kind:7s} {name:12s} mask {fmt(ratio, '.2f', '-'):>4s}: median {row['median_ms']:8.2f} ms, "
                   f"peak {fmt(None if row['peak_mem_bytes'] is None else row['peak_mem_bytes'] / 2 ** 30, '.2f', 'n/a')}"
                   f" GiB, loss {row['loss']:.5g} ({time.monotonic() - t0:.0f}s)", flush=True)

@@ -12,7 +12,8 @@
 #   tests      pytest -m gpu tests/, then tests/triton (every GPU kernel against its reference)
 #   timing     benchmarks/encoder_timing.py: ResNet-50 fwd+bwd, batch 128, 224 px, bf16 autocast,
 #              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
-#              plain dense (no mask), CUDA events, peak memory; then a SparK step per backend
+#              plain dense (no mask), CUDA events, peak memory, the top kernels of each backend at
+#              mask 0.6 (torch.profiler); then a SparK step per backend
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
 # Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
@@ -110,9 +111,9 @@ stage tests 150 "$PY -m pytest -m gpu tests/ -q -ra -p no:cacheprovider --contin
 
 # --- timing (the headline figures) -------------------------------------------
 if [[ "$SMOKE" == 1 ]]; then
-  TIMING_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.5 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96"
+  TIMING_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.5 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96 --profile-kernels 8 --profile-steps 1"
 else
-  TIMING_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last --warmup 5 --iters 20 --rotate 3 --decoder-width 768"
+  TIMING_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last --warmup 5 --iters 20 --rotate 3 --decoder-width 768 --profile-kernels 15"
 fi
 TIMING_CAP=210
 TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import encoder_timing
+from bench_profile import kernel_profile
 from bench_config import CPU_NOT_TIMED, NOMASK, backend_names, registry_status
 from bench_timing import saved_activation_bytes
 from bench_workload import random_mask, random_tensor, sparse_map
@@ -61,6 +62,30 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert rows["torch"]["loss_check"] == "ok"  # same weights, same input: the same loss as the emulation
     assert rows["torch"]["visible_fraction"] == 0.5
     assert "| torch | 0.50 |" in md.read_text()
+
+
+def test_kernel_profile_ranks_the_dominant_operator_first():
+    x = torch.randn(384, 384)
+    prof = kernel_profile(lambda a: (a @ a).relu().sum(), [x], torch.device("cpu"), steps=2, top=3)
+    assert prof["steps"] == 2 and len(prof["kernels"]) == 3
+    assert "mm" in prof["kernels"][0]["name"]  # the matmul outweighs relu and sum
+    ms = [k["ms_per_step"] for k in prof["kernels"]]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(k["share"] for k in prof["kernels"]) <= 1 + 1e-9
+    assert prof["kernels"][0]["calls_per_step"] == 1
+    with pytest.raises(ValueError, match="steps and top"):
+        kernel_profile(lambda a: a, [x], torch.device("cpu"), steps=0)
+
+
+def test_encoder_timing_profiles_kernels_at_the_first_ratio(tmp_path):
+    out, md = tmp_path / "enc.json", tmp_path / "enc.md"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18", "--batch", "1", "--size", "64",
+                              "--mask-ratios", "0.5,0.25", "--backends", "torch", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "1", "--rotate", "1", "--profile-kernels", "4",
+                              "--profile-steps", "1", "--json", str(out), "--markdown", str(md)])
+    assert rc == 0
+    rows = {r["mask_ratio"]: r for r in json.loads(out.read_text())["results"]}
+    assert len(rows[0.5]["kernel_profile"]["kernels"]) == 4 and "kernel_profile" not in rows[0.25]
+    assert "## Where the time goes" in md.read_text() and "### torch, mask 0.50" in md.read_text()
 
 
 def test_encoder_timing_rejects_unknown_backend(tmp_path):

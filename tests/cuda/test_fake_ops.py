@@ -15,7 +15,7 @@ from ctssl.sparse import PatchIndex, random_patch_mask
 from ctssl.sparse.backends.cuda import (Densify, MaskedConv2d, MaskedMaxPool2d, PackPatches, patch_tables,
                                         row_batch_norm)
 
-from .helpers import needs_ext
+from .helpers import needs_ext, needs_gpu
 from .test_extension import OPS
 
 pytestmark = needs_ext
@@ -230,3 +230,20 @@ def test_registration_skips_without_register_fake_and_never_breaks_load(monkeypa
     with pytest.warns(RuntimeWarning, match="fake impls of torch.ops.ctssl.* not registered.*boom"):
         assert _ext.load() is not None
     assert _ext.missing_reason() is None and "boom" in _ext._state["fake_error"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_fake_outputs_match_real_on_cuda(case, d):
+    """The CUDA entries allocate what the fakes say (conv grad_weight's format comes from cuDNN there)."""
+    name, args = CASES[case](d)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    op = getattr(torch.ops.ctssl, name)
+    real = op(*args)
+    real = real if isinstance(real, tuple) else (real,)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    assert [_meta(o) for o in fake] == [_meta(o) for o in real]
+    assert all(o.device == r.device for o, r in zip(fake, real) if o is not None)
