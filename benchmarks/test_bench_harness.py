@@ -94,6 +94,6 @@ def test_encoder_timing_rejects_unknown_backend(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_check_script_parses():
-    script = os.path.join(HERE, "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+def test_gpu_check_scripts_parse():
+    for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
+        assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0, script
