@@ -57,6 +57,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="training augmentation (default crop: RandomResizedCrop 0.8-1 + horizontal flip)")
     g.add_argument("--normalize", default=None, choices=("auto", "none", "imagenet"),
                    help="input normalisation; auto: the checkpoint's if it records one, else none")
+    g.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="before each evaluation, recompute BatchNorm statistics on N training images "
+                        "(0: keep the running averages, the paper's; toy preset: 32)")
     g.add_argument("--fraction-seed", type=int, default=None,
                    help="seed of the nested label fractions made when no --fractions-file is given (default 0)")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
@@ -97,7 +100,7 @@ def config_from_args(args: argparse.Namespace, **fixed) -> FinetuneConfig:
         epochs=args.epochs, freeze_epochs=args.freeze_epochs, linear_probe=args.linear_probe,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, image_size=args.image_size,
         augment=args.augment, normalize=args.normalize, fraction_seed=args.fraction_seed, device=args.device,
-        workers=args.workers, amp=args.amp, preload=args.preload,
+        workers=args.workers, amp=args.amp, preload=args.preload, bn_recalibrate=args.bn_recalibrate,
     )
     overrides.update(fixed)
     return make_config(args.preset, **overrides)

@@ -94,8 +94,9 @@ def _backbone_tensors(model_state):
     return {k: v.clone() for k, v in model_state.items() if not k.startswith("fc.")}
 
 
-def test_linear_probe_keeps_backbone_and_bn_stats(npz, tmp_path, r18_export):
-    cfg = _config(npz, init=r18_export, linear_probe=True, epochs=1)
+@pytest.mark.parametrize("bn_recalibrate", [0, 16])
+def test_linear_probe_keeps_backbone_and_bn_stats(npz, tmp_path, r18_export, bn_recalibrate):
+    cfg = _config(npz, init=r18_export, linear_probe=True, epochs=1, bn_recalibrate=bn_recalibrate)
     ft.run_finetune(cfg, tmp_path / "lp", log=None)
     tuned = torch.load(tmp_path / "lp" / "best.pt", weights_only=False)["model"]
     init = torch.load(r18_export, weights_only=True)
@@ -117,6 +118,48 @@ def test_frozen_epochs_train_only_the_head(npz, tmp_path, r18_export):
     ft.run_finetune(_config(npz, init=r18_export, epochs=1), tmp_path / "unfrozen", log=None)
     tuned = torch.load(tmp_path / "unfrozen" / "best.pt", weights_only=False)["model"]
     assert not torch.equal(tuned["layer2.0.conv1.weight"], init["layer2.0.conv1.weight"])
+
+
+def test_recalibrate_bn_sets_the_statistics_of_the_given_images():
+    """Running statistics become those of the images under the current weights; modes and momenta survive."""
+    torch.manual_seed(0)
+    model = resnet18(in_chans=3).train()
+    adapter = ft._InputAdapter(3, None, None)
+    images = torch.rand(12, 1, 32, 32) * 0.5 + 0.3
+    ft.recalibrate_bn(model, adapter, [(images, torch.zeros(12))], torch.device("cpu"))
+    with torch.no_grad():
+        first = model.conv1(adapter(images))
+    assert torch.allclose(model.bn1.running_mean, first.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, first.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert model.training and model.bn1.training and model.bn1.momentum == 0.1
+    assert int(model.bn1.num_batches_tracked) == 1
+
+
+def test_toy_preset_recalibrates_bn_and_paper_does_not():
+    """The paper's protocol evaluates with running averages; the toy preset's short runs need recalibration."""
+    assert ft.make_config("toy").bn_recalibrate > 0
+    assert ft.make_config("paper").bn_recalibrate == 0 and "bn_recalibrate" not in ft.PRESETS["paper"]
+    # off, it is not part of the resume fingerprint: paper runs and sweeps begun before the option still resume
+    assert "bn_recalibrate" not in ft._fingerprint(ft.make_config("paper"))
+    assert ft._fingerprint(ft.make_config("toy"))["bn_recalibrate"] == ft.PRESETS["toy"]["bn_recalibrate"]
+
+
+def test_tested_model_has_recalibrated_bn_stats(npz, tmp_path):
+    """best.pt (the tested weights) holds the statistics of the recalibration images, not running averages."""
+    cfg = _config(npz, epochs=2, bn_recalibrate=16, seed=1)
+    ft.run_finetune(cfg, tmp_path / "rc", log=None)
+    tuned = torch.load(tmp_path / "rc" / "best.pt", weights_only=False)["model"]
+    model = resnet18(in_chans=3, num_classes=2)
+    model.load_state_dict(tuned)
+    splits = ft.load_splits(cfg)
+    view = ft.recalibration_view(splits.train, np.arange(48), 16, seed=1)
+    assert len(view) == 16
+    loader = torch.utils.data.DataLoader(view, batch_size=32)
+    ft.recalibrate_bn(model, ft._InputAdapter(3, None, None), loader, torch.device("cpu"))
+    for name in ("bn1", "layer2.0.bn1", "layer4.1.bn2"):
+        for stat in ("running_mean", "running_var"):
+            key = f"{name}.{stat}"
+            assert torch.allclose(model.state_dict()[key], tuned[key], rtol=1e-4, atol=1e-6), key
 
 
 def test_resume_after_interruption_matches_uninterrupted(npz, tmp_path, monkeypatch):
@@ -211,6 +254,11 @@ def test_unknown_fraction_and_foreign_fractions_file(npz, tmp_path, capsys):
     assert code == 2 and "another training set" in err
     code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--fraction", "1.5"])
     assert code == 2 and "(0, 1]" in err
+
+
+def test_negative_bn_recalibrate(npz, tmp_path, capsys):
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--bn-recalibrate", "-1"])
+    assert code == 2 and "--bn-recalibrate" in err
 
 
 def test_positive_class(npz, tmp_path, capsys):
