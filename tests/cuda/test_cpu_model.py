@@ -98,3 +98,34 @@ def test_block_tails_run_as_one_fused_batchnorm_pass(monkeypatch, arch, blocks, 
     assert calls.count((True, 1)) == blocks  # each block's tail: bn + identity + relu
     assert calls.count((False, 1)) == relu_bns  # the stem's and the blocks' inner bn + relu
     assert calls.count((False, 0)) == downsamples  # shortcut BNs, read as the residual
+
+
+def test_bf16_autocast_encoder_is_as_accurate_as_dense_bf16():
+    """The glue's autocast path (rows cast to bf16, BN on bf16 rows with fp32 weights, fused bf16
+    residual) on the CPU's autocast, judged against float64 next to the emulation's own bf16 error."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    model = create_resnet("resnet18").train()
+    images = torch.randn(2, 3, 96, 96, generator=gen)
+    active = masks(2, 3, 3, gen)[0]
+
+    def run(m, x, backend, weights, amp):
+        m, x = copy.deepcopy(m), x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            maps = m.forward_masked(x, active, backend)
+            loss = sum((mp.float() * w.float()).sum() for mp, w in zip(maps, weights))
+        assert all(mp.dtype == (torch.bfloat16 if amp else x.dtype) for mp in maps)
+        loss.backward()
+        out = [mp.detach().double() for mp in maps] + [x.grad.double()]
+        out += [p.grad.double() for n, p in m.named_parameters() if not n.startswith("fc.")]
+        return out + [b.double() for b in m.buffers() if b.is_floating_point()]
+
+    weights = [torch.randn(mp.shape, generator=gen, dtype=torch.float64)
+               for mp in model.double().forward_masked(images.double(), active, "dense")]
+    truth = run(model, images.double(), "dense", weights, False)
+    model = model.float()
+    e_dense = torch.tensor([rel_err(a, b) for a, b in zip(run(model, images, "dense", weights, True), truth)])
+    e_twin = torch.tensor([rel_err(a, b) for a, b in zip(run(model, images, CpuTwin(), weights, True), truth)])
+    assert 1e-4 < e_dense[:4].max() < 0.1  # bf16 really ran
+    assert e_twin[:4].max() <= 2 * e_dense[:4].max() + 1e-3, (e_twin[:4], e_dense[:4])
+    assert e_twin.max() <= 3 * e_dense.max() + 1e-3, (e_twin.max(), e_dense.max())

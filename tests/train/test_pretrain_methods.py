@@ -83,3 +83,18 @@ def test_spark_dense_and_torch_backends_give_the_same_loss(pretrain_store, tiny_
     for dense, packed in zip(logs["dense"], logs["torch"]):
         assert packed["loss"] == pytest.approx(dense["loss"], rel=1e-5, abs=1e-6)
         assert packed["grad_norm"] == pytest.approx(dense["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_trains_under_bf16_autocast_and_channels_last(name, pretrain_store, tiny_config, tmp_path):
+    """The GPU recipe's precision and memory format (bf16 autocast, channels-last), run on the CPU's
+    autocast so that a dtype or layout mismatch in a method shows up before a GPU run."""
+    optimizer, lr = OPTIMIZERS[name]
+    cfg = tiny_config(name, pretrain_store, tmp_path / "run", optimizer=optimizer, lr=lr, betas=None, amp="bf16",
+                      channels_last=True, max_steps=2, hparams={"queue_size": 12} if name == "mocov2" else {})
+    ckpt = load_checkpoint(run_pretraining(cfg))
+    assert ckpt["step"] == 2 and ckpt["config"]["amp"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # weights stay float32 under autocast
+    steps = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "step" in r and "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
