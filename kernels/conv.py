@@ -27,30 +27,13 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from .index import _row_position, _source_rows
 from .reduce import column_sum, sum_leading
 from .runtime import (BACKEND, STATS_BLOCK_M, TunedKernel, check_tensor, config, dot_precision, interp_block,
                       num_sms, size_key)
 
 FWD_BLOCK_M = STATS_BLOCK_M
 """Rows per forward program: fixed (not tuned) because the fused BN statistics are per block of rows."""
-
-
-@triton.jit
-def _source_rows(nbr_ptr, n, sy, sx, ok, P_SRC):
-    """Packed row read at coordinate (sy, sx) relative to patch n, and the slot holding it.
-
-    ``sy``/``sx`` lie in [-P_SRC, 2*P_SRC); the neighbour table gives the patch that
-    holds them: its slot, or -1 (masked, reads 0) / -2 (beyond the image); lanes
-    not ``ok`` get -1. The row is valid where the slot is >= 0. Works elementwise
-    on any broadcast shape.
-    """
-    ny = (sy + P_SRC) // P_SRC
-    nx = (sx + P_SRC) // P_SRC
-    nslot = tl.load(nbr_ptr + n * 9 + ny * 3 + nx, mask=ok, other=-1)
-    ly = sy - (ny - 1) * P_SRC
-    lx = sx - (nx - 1) * P_SRC
-    row = nslot.to(tl.int64) * (P_SRC * P_SRC) + ly * P_SRC + lx
-    return row, nslot
 
 
 @triton.jit
@@ -77,10 +60,7 @@ def _gather_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < C_OUT
-    QQ = Q * Q
-    n = rm // QQ
-    a = (rm % QQ) // Q
-    b = rm % Q
+    n, a, b = _row_position(rm, Q)
     ntaps = tl.load(ntaps_ptr + cls)
     tap_base = taps_ptr + cls * MAX_TAPS * 3
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -189,16 +169,13 @@ def _wgrad_kernel(
         oy = tl.load(taps_ptr + tap * 3)
         ox = tl.load(taps_ptr + tap * 3 + 1)
         krow = tap * C_IN + c
-    QQ = Q * Q
     m_start = split * ROWS_PER_SPLIT
     m_end = tl.minimum(M, m_start + ROWS_PER_SPLIT)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
-        n = rm // QQ
-        a = (rm % QQ) // Q
-        b = rm % Q
+        n, a, b = _row_position(rm, Q)
         if FLAT_K:
             row, nslot = _source_rows(nbr_ptr, n[:, None], a[:, None] * SRC_STEP + oy[None, :],
                                    b[:, None] * SRC_STEP + ox[None, :], m_ok[:, None] & k_ok[None, :], P_SRC)

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from .index import _row_position
 from .reduce import sum_leading
 from .runtime import BACKEND, TunedKernel, check_tensor, config
 
@@ -29,10 +30,7 @@ def _pack_kernel(img_ptr, rows_ptr, coords_ptr, M, C, P, s_b, s_c, s_h, s_w,
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    PP = P * P
-    n = rm // PP
-    y = (rm % PP) // P
-    x = rm % P
+    n, y, x = _row_position(rm, P)
     b = tl.load(coords_ptr + n * 3, mask=m_ok, other=0).to(tl.int64)
     i = tl.load(coords_ptr + n * 3 + 1, mask=m_ok, other=0)
     j = tl.load(coords_ptr + n * 3 + 2, mask=m_ok, other=0)

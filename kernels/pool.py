@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .conv import _source_rows
+from .index import _row_position, _source_rows
 from .runtime import BACKEND, TunedKernel, check_tensor, config
 
 
@@ -27,10 +27,7 @@ def _maxpool_fwd_kernel(x_ptr, y_ptr, arg_ptr, nbr_ptr, M, C, Q, P, STRIDE, PAD,
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    QQ = Q * Q
-    n = rm // QQ
-    a = (rm % QQ) // Q
-    b = rm % Q
+    n, a, b = _row_position(rm, Q)
     best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
     for ky in tl.static_range(K):
@@ -60,10 +57,7 @@ def _maxpool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, nbr_ptr, M, C, Q, P, STRIDE, PA
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    PP = P * P
-    n = rm // PP
-    iy = (rm % PP) // P
-    ix = rm % P
+    n, iy, ix = _row_position(rm, P)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for ky in tl.static_range(K):
         ty = iy + PAD - ky + STRIDE * Q  # shifted to stay non-negative
