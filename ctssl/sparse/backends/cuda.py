@@ -259,16 +259,25 @@ def apply_row_batch_norm(rows, weight, bias, stats: RowStats, activation=None, r
                                    stats.batch, act, stats.group)
 
 
+def batch_norm_stats(rows, running_mean, running_var, training, momentum, eps, process_group=None
+                     ) -> RowStats | None:
+    """``row_stats`` with torch's choice of batch or running statistics and synchronization; None
+    when there is nothing to normalise and no collective to join (no rows, not synchronized)."""
+    use_batch_stats = training or running_mean is None
+    group = process_group if use_batch_stats and _distributed(process_group) else None
+    if rows.shape[0] == 0 and group is None:
+        return None
+    return row_stats(rows.contiguous(), running_mean, running_var, use_batch_stats, momentum, eps, group)
+
+
 def row_batch_norm(rows, weight, bias, running_mean, running_var, training, momentum, eps, process_group=None,
                    activation=None, residual=None) -> torch.Tensor:
     """``batch_norm_rows`` on the compiled operators, with fused ``activation`` and ``residual``."""
     _check_activation(activation)
-    use_batch_stats = training or running_mean is None
-    group = process_group if use_batch_stats and _distributed(process_group) else None
-    if rows.shape[0] == 0 and group is None:  # nothing to normalise, no collective to join
+    stats = batch_norm_stats(rows, running_mean, running_var, training, momentum, eps, process_group)
+    if stats is None:
         residual = _residual_rows(residual, rows)
         return rows if residual is None else rows + residual
-    stats = row_stats(rows.contiguous(), running_mean, running_var, use_batch_stats, momentum, eps, group)
     return apply_row_batch_norm(rows, weight, bias, stats, activation, residual)
 
 
@@ -394,11 +403,9 @@ class CudaBackend(TorchBackend):
         on the result fold into it, so a ResNet block's ``relu(bn(x) + identity)`` is one kernel."""
         self.check_device(x.values.device)
         rows = x.values.contiguous()
-        use_batch_stats = training or running_mean is None
-        group = process_group if use_batch_stats and _distributed(process_group) else None
-        if rows.shape[0] == 0 and group is None:  # nothing visible: like batch_norm_rows, the input
+        stats = batch_norm_stats(rows, running_mean, running_var, training, momentum, eps, process_group)
+        if stats is None:  # nothing visible: like batch_norm_rows, the input
             return x
-        stats = row_stats(rows, running_mean, running_var, use_batch_stats, momentum, eps, group)
         return PendingBatchNorm(_PendingRowBN(rows, weight, bias, stats), x.index, x.stride, self)
 
     def _apply(self, p: _PendingRowBN, activation: str | None) -> torch.Tensor:
@@ -435,6 +442,6 @@ class CudaBackend(TorchBackend):
         return PackedTensor(y, x.index, out_stride, self)
 
 
-__all__ = ["CudaBackend", "PatchTables", "patch_tables", "RowStats", "row_stats", "apply_row_batch_norm",
+__all__ = ["CudaBackend", "PatchTables", "patch_tables", "RowStats", "row_stats", "batch_norm_stats", "apply_row_batch_norm",
            "row_batch_norm", "PackPatches", "Densify", "MaskedConv2d", "RowBatchNormApply", "MaskedMaxPool2d",
            "ACTIVATIONS"]
