@@ -6,7 +6,7 @@ import torch
 
 from ctssl.models import create_resnet
 
-from .helpers import CpuTwin, masks, needs_ext, rel_err
+from .helpers import CpuTwin, edge_masks, needs_ext, rel_err
 
 pytestmark = needs_ext
 
@@ -32,7 +32,7 @@ def test_encoder_matches_dense_float64(arch, batch, H, W, train):
     torch.manual_seed(0)
     model = create_resnet(arch).double().train(train)
     images = torch.randn(batch, 3, H, W, generator=gen, dtype=torch.float64)
-    active = masks(batch, H // 32, W // 32, gen)[1]  # random, with an empty and a full image
+    active = edge_masks(batch, H // 32, W // 32, gen)[1]  # random, with an empty and a full image
     ref = _run(model, images, active, "dense")
     out = _run(model, images, active, CpuTwin(), ref[4])
     for a, b in zip(out[0], ref[0]):
@@ -50,7 +50,7 @@ def test_encoder_float32_is_as_accurate_as_dense_float32():
     torch.manual_seed(0)
     model = create_resnet("resnet18", in_chans=1).train()
     images = torch.randn(2, 1, 64, 64, generator=gen)
-    active = masks(2, 2, 2, gen)[0]
+    active = edge_masks(2, 2, 2, gen)[0]
     truth = _run(model.double(), images.double(), active, "dense")
     w32 = [w.float() for w in truth[4]]
     model = model.float()
@@ -107,7 +107,7 @@ def test_bf16_autocast_encoder_is_as_accurate_as_dense_bf16():
     torch.manual_seed(0)
     model = create_resnet("resnet18").train()
     images = torch.randn(2, 3, 96, 96, generator=gen)
-    active = masks(2, 3, 3, gen)[0]
+    active = edge_masks(2, 3, 3, gen)[0]
 
     def run(m, x, backend, weights, amp):
         m, x = copy.deepcopy(m), x.detach().clone().requires_grad_(True)

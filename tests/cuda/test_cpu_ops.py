@@ -13,7 +13,7 @@ from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
 
-from .helpers import CpuTwin, masks, needs_ext, rel_err, sparse_at
+from .helpers import CpuTwin, edge_masks, needs_ext, rel_err, sparse_at
 from ..sparse.helpers import random_batchnorm
 
 pytestmark = needs_ext
@@ -25,7 +25,7 @@ def _compare(module_fn, stride, cin, gen, size=(64, 96), batch=3, train=True, re
     """Module on the dense reference vs on the twin: output, input grad, parameter grads, buffers."""
     H, W = size
     images = torch.randn(batch, cin, H, W, generator=gen, dtype=DT)
-    for active in masks(batch, H // 32, W // 32, gen):
+    for active in edge_masks(batch, H // 32, W // 32, gen):
         ref = module_fn().to(DT).train(train)
         outs = {}
         for name, backend in (("dense", get_backend("dense")), ("twin", TWIN)):
@@ -55,7 +55,7 @@ def _compare(module_fn, stride, cin, gen, size=(64, 96), batch=3, train=True, re
 
 def test_patch_tables_match_the_index(rng):
     for shape in ((3, 2, 3), (2, 4, 4), (1, 1, 1)):
-        for active in masks(*shape, rng) + [torch.zeros(shape, dtype=torch.bool)]:
+        for active in edge_masks(*shape, rng) + [torch.zeros(shape, dtype=torch.bool)]:
             index = PatchIndex(active)
             t = patch_tables(index)
             assert t.slot.dtype == torch.int32 and t.neighbours.dtype == torch.int32
@@ -67,7 +67,7 @@ def test_patch_tables_match_the_index(rng):
 
 @pytest.mark.parametrize("p,halo", [(1, 0), (1, 1), (2, 1), (2, 2), (4, 1), (8, 3), (32, 3)])
 def test_halo_gather_matches_torch_plan_and_scatter_is_its_adjoint(p, halo, rng):
-    active = masks(3, 2, 3, rng)[1]
+    active = edge_masks(3, 2, 3, rng)[1]
     index = PatchIndex(active)
     nbr = patch_tables(index).neighbours
     rows = torch.randn(index.num_patches * p * p, 5, generator=rng, dtype=DT)
@@ -83,7 +83,7 @@ def test_halo_gather_matches_torch_plan_and_scatter_is_its_adjoint(p, halo, rng)
 
 def test_layout_round_trip_and_gradients_match_torch_backend(rng):
     images = torch.randn(3, 4, 64, 96, generator=rng, dtype=DT)
-    for active in masks(3, 2, 3, rng):
+    for active in edge_masks(3, 2, 3, rng):
         outs = {}
         for name, be in (("torch", get_backend("torch")), ("twin", TWIN)):
             x = images.clone().requires_grad_(True)
@@ -99,7 +99,7 @@ def test_layout_round_trip_and_gradients_match_torch_backend(rng):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     # channels-last images pack the same
     cl = images.to(memory_format=torch.channels_last)
-    idx = PatchIndex(masks(3, 2, 3, rng)[0])
+    idx = PatchIndex(edge_masks(3, 2, 3, rng)[0])
     assert torch.equal(TWIN.sparse_input(cl, idx).values, TWIN.sparse_input(images, idx).values)
 
 
@@ -201,7 +201,7 @@ def test_max_pool_reads_minus_inf_outside_and_zero_in_masked_neighbours():
 
 def test_max_pool_and_layout_in_half_and_bfloat16(rng):
     images = torch.randn(2, 8, 64, 64, generator=rng, dtype=DT)
-    active = masks(2, 2, 2, rng)[0]
+    active = edge_masks(2, 2, 2, rng)[0]
     ref = MaxPool2d(3, 2, 1)(sparse_at(images, active, "dense")).to_dense()
     for dtype in (torch.float16, torch.bfloat16):
         y = MaxPool2d(3, 2, 1)(sparse_at(images.to(dtype), active, TWIN)).to_dense()

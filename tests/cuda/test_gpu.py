@@ -12,7 +12,7 @@ from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
 
-from .helpers import masks, needs_ext, needs_gpu, rel_err, sparse_at
+from .helpers import edge_masks, needs_ext, needs_gpu, rel_err, sparse_at
 from ..sparse.helpers import random_batchnorm
 
 pytestmark = [needs_ext, needs_gpu, pytest.mark.gpu]
@@ -37,7 +37,7 @@ def _module_vs_dense64(module_fn, stride, cin, dtype, gen, size=(128, 96), batch
     H, W = size
     images = torch.randn(batch, cin, H, W, generator=gen).to(dtype).double()
     tol = DTYPES[dtype]
-    for active in masks(batch, H // 32, W // 32, gen):
+    for active in edge_masks(batch, H // 32, W // 32, gen):
         active = active.cuda()
         ref_m = module_fn().to(dtype).double().cuda().train(train)
         out = {}
@@ -112,7 +112,7 @@ def test_fused_batchnorm_matches_float64(dtype, activation):
 def test_layout_ops_are_exact(dtype):
     gen = torch.Generator().manual_seed(5)
     images = torch.randn(4, 24, 96, 128, generator=gen).to(dtype).cuda()
-    for active in masks(4, 3, 4, gen):
+    for active in edge_masks(4, 3, 4, gen):
         idx = PatchIndex(active.cuda())
         t = patch_tables(idx)
         assert torch.equal(t.slot.long(), idx.slot) and torch.equal(t.neighbours.long(), idx.neighbours)
@@ -143,7 +143,7 @@ def test_resnet50_encoder_matches_float64():
     torch.manual_seed(0)
     model = create_resnet("resnet50").cuda().train()
     images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
-    active = masks(4, 4, 4, gen)[1].cuda()
+    active = edge_masks(4, 4, 4, gen)[1].cuda()
     model64 = copy.deepcopy(model).double()
     shapes = [mp.shape for mp in model64.forward_masked(images.double(), active, "dense")]
     weights = [torch.randn(s, generator=gen, dtype=torch.float64).cuda() for s in shapes]

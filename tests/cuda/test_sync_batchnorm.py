@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ctssl.sparse.backends.cuda import row_batch_norm
 
+from ..sparse.helpers import run_ranks
 from .helpers import needs_ext
 
 pytestmark = [needs_ext, pytest.mark.slow]
@@ -32,9 +32,8 @@ def _step(rows, gy, res, group):
     return y.detach(), x.grad, r.grad, w.grad, b.grad, rm, rv
 
 
-def _worker(rank, store_path, out_dir):
-    # a file store, not a TCP port: no race with other processes for a free port
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+def _worker(rank, world, store_path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         import ctssl._C  # noqa: F401  (registers torch.ops.ctssl in the child)
         rows, gy, res = _data()
@@ -48,8 +47,7 @@ def _worker(rank, store_path, out_dir):
 def test_two_ranks_equal_one_process(tmp_path):
     if not dist.is_available():
         pytest.skip("needs torch.distributed (gloo)")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(_worker, (), tmp_path)
     rows, gy, res = _data()
     ref = _step(rows, gy, res, None)
     y = torch.cat([ranks[0][0], ranks[1][0]])

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
 
 import torch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     denom = b.norm()
     if denom == 0:
         return float((a - b).norm())
@@ -24,6 +26,39 @@ def edge_masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.T
     single = torch.zeros(batch, h, w, dtype=torch.bool)
     single[-1, h - 1, 0] = True
     return [random, edge, single]
+
+
+def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1):
+    """A sparse map at ``stride``, built at stride 1 and brought down by non-overlapping average pooling."""
+    from ctssl.sparse import PatchIndex, get_backend
+
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    x = be.sparse_input(images, PatchIndex(active))
+    if stride > 1:
+        x = be.avg_pool2d(x, stride, stride, 0)
+    return x
+
+
+def run_ranks(target, args, out_dir, world: int = 2, timeout: float = 120) -> list:
+    """Run ``target(rank, world, store_path, out_dir, *args)`` in ``world`` spawned processes and
+    return what each rank ``torch.save``d to ``out_dir/rank{r}.pt``.
+
+    Results go through files: tensors sent over a multiprocessing queue are shared by file
+    descriptor and vanish if the rank exits before the parent has read them. A rank still alive
+    after ``timeout`` (a collective skipped on the other rank) is terminated and fails the test.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    store = os.path.join(str(out_dir), "store")
+    procs = [ctx.Process(target=target, args=(r, world, store, str(out_dir), *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
 
 
 def run_model(model, images, active, backend, loss_weights=None):

@@ -4,12 +4,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.modules import BatchNorm2d, SyncBatchNorm, convert_sync_batchnorm
 
-from .helpers import rel_err
+from .helpers import rel_err, run_ranks
 
 
 def _data():
@@ -38,8 +37,6 @@ def _worker(rank, world, store_path, out_dir, backend):
         y, gx, gw, gb = _step(bn, images[part], active[part], weights[part], backend)
         dist.all_reduce(gw)
         dist.all_reduce(gb)
-        # Results go through a file: tensors sent over a multiprocessing queue are shared by file
-        # descriptor and vanish if the rank exits before the parent has read them.
         torch.save((y, gx, gw, gb, bn.running_mean, bn.running_var), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -47,18 +44,7 @@ def _worker(rank, world, store_path, out_dir, backend):
 
 @pytest.mark.parametrize("backend", ["dense", "torch"])
 def test_sync_bn_two_ranks_equal_one_process(tmp_path, backend):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path), backend))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():  # a hang: one rank skipped a collective
-            p.terminate()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = run_ranks(_worker, (backend,), tmp_path)
     images, active, weights = _data()
     bn = BatchNorm2d(3, momentum=0.5).double()
     y, gx, gw, gb = _step(bn, images, active, weights, backend)

@@ -9,17 +9,7 @@ import torch
 
 from ctssl.train.config import PretrainConfig
 
-SIZE = 64
-
-# small heads, queues and decoders: a step of any method takes well under a second on one core
-TINY_HPARAMS = {
-    "spark": {"decoder_width": 64},
-    "simclr": {"proj_hidden_dim": 64, "proj_dim": 32},
-    "mocov2": {"proj_hidden_dim": 64, "proj_dim": 32, "queue_size": 16, "key_momentum": 0.99},
-    "byol": {"proj_hidden_dim": 64, "pred_hidden_dim": 64, "proj_dim": 32},
-    "swav": {"proj_hidden_dim": 64, "proj_dim": 32, "num_prototypes": 16, "n_local_crops": 2, "local_size": 32,
-             "queue_length": 0, "freeze_prototypes_steps": 0},
-}
+from ..ssl.helpers import SIZE, TINY_HPARAMS  # small heads, queues and decoders: fast steps
 
 
 def _make_store(root: Path, n_patients: int, slices: int) -> Path:

@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, ReLU, convert_sync_batchnorm
 
+from ..sparse.helpers import run_ranks
 from .util import F64, needs_triton, rel_err, sparse_at
 
 pytestmark = needs_triton
@@ -59,18 +59,7 @@ def _rank(rank, world, store_path, out_dir, mask):
 @pytest.mark.parametrize("mask", list(MASKS))
 def test_sync_batchnorm_over_two_ranks_equals_one_big_batch(tmp_path, mask):
     """A rank without visible rows still joins every all-reduce (else the other rank would hang)."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "store"), str(tmp_path), mask))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():  # a hang: a collective was skipped on one rank
-            p.terminate()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(_rank, (mask,), tmp_path)
     images, active, weight = _data(mask)
     ref = _step(_model().to(F64), images.to(F64), active, weight.to(F64), "dense")
     y = torch.cat([r[0] for r in ranks])

@@ -6,8 +6,11 @@ import copy
 import pytest
 import torch
 
-from ctssl.sparse import PatchIndex, get_backend
+from ctssl.sparse import PatchIndex
 from ctssl.sparse.backends.triton import TritonBackend
+
+from ..sparse.helpers import edge_masks as shared_edge_masks
+from ..sparse.helpers import rel_err, sparse_at  # noqa: F401  (shared with the sparse and cuda tests)
 
 REASON = TritonBackend().unavailable_reason()
 needs_triton = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
@@ -16,34 +19,11 @@ F64 = torch.float64
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    denom = b.norm()
-    if denom == 0:
-        return float((a - b).norm())
-    return float((a - b).norm() / denom)
-
-
 def edge_masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """A random mask, one with an empty and a full image, and one with a single visible patch."""
-    random = torch.rand(batch, h, w, generator=gen) < 0.5
-    random[0, 0, 0] = True
-    edge = random.clone()
-    edge[0] = False
-    if batch > 1:
-        edge[1] = True
-    single = torch.zeros(batch, h, w, dtype=torch.bool)
-    single[-1, h - 1, 0] = True
-    return [random, edge, single]
-
-
-def sparse_at(images, active, backend, stride: int = 1):
-    """A sparse map at ``stride``, built at stride 1 and brought down by non-overlapping average pooling."""
-    be = get_backend(backend) if isinstance(backend, str) else backend
-    x = be.sparse_input(images, PatchIndex(active))
-    if stride > 1:
-        x = be.avg_pool2d(x, stride, stride, 0)
-    return x
+    """The shared edge-case masks, with a visible first patch in the random one (never all masked)."""
+    masks = shared_edge_masks(batch, h, w, gen)
+    masks[0][0, 0, 0] = True
+    return masks
 
 
 def grad_weight(shape, seed: int = 7) -> torch.Tensor:
