@@ -12,6 +12,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def running_momentum(bn: torch.nn.modules.batchnorm._BatchNorm) -> float:
+    """torch's momentum rule for a BN module's running statistics (fixed, or the cumulative average
+    when ``momentum`` is None), counting this batch in ``num_batches_tracked`` when training."""
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
 def batch_norm_rows(
     rows: torch.Tensor,
     weight: torch.Tensor | None,

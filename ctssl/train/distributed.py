@@ -132,15 +132,6 @@ def mean_across_ranks(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
 # synchronized BatchNorm and the DDP wrapper
 # ---------------------------------------------------------------------------------------------
 
-def _rows_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
-    """torch's momentum rule (fixed, or cumulative average when None), counting the batch."""
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            return 1.0 / float(bn.num_batches_tracked)
-    return 0.0 if bn.momentum is None else bn.momentum
-
-
 def _bn_group(bn):
     if not (dist.is_available() and dist.is_initialized()):
         return None
@@ -150,7 +141,7 @@ def _bn_group(bn):
 
 def _dense_sync_bn_on_rows(bn, x: torch.Tensor) -> torch.Tensor:
     """Synchronized BN of a dense CPU tensor (B, C) or (B, C, H, W) via the engine's row BatchNorm."""
-    from ctssl.sparse.batchnorm_rows import batch_norm_rows
+    from ctssl.sparse.batchnorm_rows import batch_norm_rows, running_momentum
 
     if x.dim() == 2:
         rows = x
@@ -158,7 +149,7 @@ def _dense_sync_bn_on_rows(bn, x: torch.Tensor) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
     else:
         raise ValueError(f"{type(bn).__name__}: expected a 2-D or 4-D input, got shape {tuple(x.shape)}")
-    momentum = _rows_momentum(bn)
+    momentum = running_momentum(bn)
     out = batch_norm_rows(rows, bn.weight, bn.bias,
                           bn.running_mean if bn.track_running_stats else None,
                           bn.running_var if bn.track_running_stats else None,

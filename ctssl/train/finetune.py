@@ -471,10 +471,6 @@ def predict(model, adapter, loader, device, amp=False) -> tuple[np.ndarray, np.n
     return np.concatenate(labels_all), np.concatenate(probs_all), loss_sum / max(n, 1)
 
 
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 @torch.no_grad()
 def recalibrate_bn(model, adapter, loader, device, amp=False) -> None:
     """Replace every BatchNorm's running statistics by their average over ``loader`` under the current weights.
@@ -482,7 +478,7 @@ def recalibrate_bn(model, adapter, loader, device, amp=False) -> None:
     Running averages mix statistics of older weights; evaluating with them is what makes a short,
     fast fine-tuning swing between epochs. Other layers stay in eval mode; modes and momenta are restored.
     """
-    bns = _batchnorms(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training
     model.eval()

@@ -4,18 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..batchnorm_rows import running_momentum
 from ..tensor import SparseTensor
-
-
-def _momentum_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
-    """torch's own rule: a fixed momentum, or the cumulative average when it is None."""
-    if not (bn.training and bn.track_running_stats):
-        return 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            return 1.0 / float(bn.num_batches_tracked)
-    return bn.momentum
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -32,7 +22,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.channels != self.num_features:
             raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, got {x.channels}")
-        momentum = _momentum_factor(self)
+        momentum = running_momentum(self)
         use_batch_stats = self.training or not self.track_running_stats
         return x.backend.batch_norm(
             x, self.weight, self.bias,
