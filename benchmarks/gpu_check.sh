@@ -104,10 +104,11 @@ for k, v in backend_status().items(): print(f\"{k:10s}\", \"available\" if v is 
 
 # --- correctness -------------------------------------------------------------
 # the GPU-marked tests everywhere, then the Triton kernel tests (unmarked: on a CPU they run in the
-# interpreter, here natively); the stage fails if either fails
+# interpreter, here natively); the stage fails if either fails. The ahead-of-time compile check
+# is left out: it is the no-GPU stand-in for what this stage runs for real
 TRITON_TESTS=tests/triton
 [[ "$SMOKE" == 1 ]] && TRITON_TESTS=none  # on a CPU they would run in the (slow) interpreter
-stage tests 150 "$PY -m pytest -m gpu tests/ -q -ra -p no:cacheprovider --continue-on-collection-errors --junitxml=$OUT/gpu_tests.xml; a=\$?; if [ -d $TRITON_TESTS ]; then $PY -m pytest $TRITON_TESTS -q -ra -p no:cacheprovider --junitxml=$OUT/triton_tests.xml; b=\$?; else b=0; fi; exit \$(( a > b ? a : b ))"
+stage tests 150 "$PY -m pytest -m gpu tests/ -q -ra -p no:cacheprovider --continue-on-collection-errors --junitxml=$OUT/gpu_tests.xml; a=\$?; if [ -d $TRITON_TESTS ]; then $PY -m pytest $TRITON_TESTS --ignore=$TRITON_TESTS/test_compile_for_gpu.py -q -ra -p no:cacheprovider --junitxml=$OUT/triton_tests.xml; b=\$?; else b=0; fi; exit \$(( a > b ? a : b ))"
 
 # --- timing (the headline figures) -------------------------------------------
 if [[ "$SMOKE" == 1 ]]; then

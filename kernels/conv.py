@@ -29,8 +29,8 @@ import triton.language as tl
 
 from .index import _row_position, _source_rows
 from .reduce import column_sum, sum_leading
-from .runtime import (BACKEND, STATS_BLOCK_M, TunedKernel, check_tensor, config, dot_precision, interp_block,
-                      num_sms, size_key)
+from .runtime import (BACKEND, GPU_STATS_BLOCK_M, STATS_BLOCK_M, TunedKernel, check_tensor, config,
+                      dot_precision, interp_block, num_sms, size_key)
 
 FWD_BLOCK_M = STATS_BLOCK_M
 """Rows per forward program: fixed (not tuned) because the fused BN statistics are per block of rows."""
@@ -115,22 +115,43 @@ def _gather_gemm_kernel(
 def _gemm_configs() -> list[triton.Config]:
     out = []
     for bn, bk, warps, stages in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3),
-                                  (128, 64, 4, 4), (256, 64, 8, 3), (32, 32, 4, 4)]:
-        out.append(config(warps, stages, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, BLOCK_K=bk))
-    return out
+                                  (128, 64, 4, 4), (256, 64, 8, 3), (32, 32, 4, 4),
+                                  (64, 32, 8, 3), (32, 16, 4, 4)]:  # the last two for FLAT_K
+        out.append(config(warps, stages, BLOCK_M=GPU_STATS_BLOCK_M, BLOCK_N=bn, BLOCK_K=bk))
+    return out  # autotuned on a GPU only, where FWD_BLOCK_M is GPU_STATS_BLOCK_M
+
+
+FLAT_GATHER_PER_THREAD = 16
+"""Most gathered source elements of a FLAT_K tile per thread, each with its own neighbour lookup.
+At 32 (the old 4-warp fixed configs) 6 of 16 FLAT_K compiles for sm_90/sm_80 spilled; no kept
+config at 16 or fewer does (benchmarks/kernel_compile.py, results/2026-11-26-static-sm90-sm80/)."""
+
+
+def _gathered_per_thread(c: triton.Config) -> int:
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
+
+
+def _fit_channels(configs, named_args) -> list[triton.Config]:
+    """Configs whose N and K blocks are not far wider than the channels."""
+    n_cap = max(32, triton.next_power_of_2(named_args["C_OUT"]))
+    k_cap = max(32, triton.next_power_of_2(named_args["C_IN"]))
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Drop configs whose N or K block is far wider than the channels (at least one config stays)."""
-    n_cap = max(32, triton.next_power_of_2(named_args["C_OUT"]))
-    k_cap = max(32, triton.next_power_of_2(named_args["C_IN"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    """Channel fit; FLAT_K keeps tiles that do not spill, a per-tap K block is at least 32 wide."""
+    kept = _fit_channels(configs, named_args)
+    if kwargs.get("FLAT_K", False):
+        kept = [c for c in kept if _gathered_per_thread(c) <= FLAT_GATHER_PER_THREAD]
+    else:
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] >= 32]
     return kept or configs[:1]
 
 
 _GATHER_GEMM = TunedKernel(
-    _gather_gemm_kernel, _gemm_configs(), key=["C_IN", "C_OUT", "M_KEY", "MAX_TAPS"], prune=_prune_gemm,
-    fixed=config(4, 3, BLOCK_M=FWD_BLOCK_M, BLOCK_N=64, BLOCK_K=32),
+    _gather_gemm_kernel, _gemm_configs(), key=["C_IN", "C_OUT", "M_KEY", "MAX_TAPS", "FLAT_K", "STATS"],
+    prune=_prune_gemm,
+    fixed=config(8, 3, BLOCK_M=FWD_BLOCK_M, BLOCK_N=64, BLOCK_K=32),  # spill-free in both K modes
     interp=config(BLOCK_M=FWD_BLOCK_M, BLOCK_N=128, BLOCK_K=64),
 )
 
@@ -198,16 +219,25 @@ def _wgrad_kernel(
 def _wgrad_configs() -> list[triton.Config]:
     out = []
     for bm, bk, bn, warps, stages in [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 8, 3),
-                                      (64, 64, 128, 8, 3), (128, 128, 128, 8, 3), (32, 32, 64, 4, 4)]:
+                                      (64, 64, 128, 8, 3), (128, 128, 128, 8, 3), (32, 32, 64, 4, 4),
+                                      (64, 64, 64, 8, 3), (32, 64, 64, 4, 3)]:
         out.append(config(warps, stages, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn))
     return out
 
 
+def _prune_wgrad(configs, named_args, **kwargs):
+    """Channel fit; FLAT_K keeps tiles that do not spill (a tile gathers BLOCK_M x BLOCK_K)."""
+    kept = _fit_channels(configs, named_args)
+    if kwargs.get("FLAT_K", False):
+        kept = [c for c in kept if _gathered_per_thread(c) <= FLAT_GATHER_PER_THREAD]
+    return kept or configs[:1]
+
+
 _WGRAD = TunedKernel(
     _wgrad_kernel, _wgrad_configs(), key=["C_IN", "C_OUT", "M_KEY", "NUM_TAPS", "FLAT_K"],
-    fixed=config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64),
+    fixed=config(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64),  # spill-free in both K modes
     interp=config(BLOCK_M=128, BLOCK_K=64, BLOCK_N=128),
-    reset_to_zero=["out_ptr"], prune=_prune_gemm,
+    reset_to_zero=["out_ptr"], prune=_prune_wgrad,
 )
 WGRAD_MAX_BLOCK_M = 128  # ROWS_PER_SPLIT is a multiple of every tuned BLOCK_M
 

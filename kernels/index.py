@@ -23,8 +23,10 @@ def _source_rows(nbr_ptr, n, sy, sx, ok, P_SRC):
     not ``ok`` get -1. The row is valid where the slot is >= 0. Works elementwise
     on any broadcast shape.
     """
-    ny = (sy + P_SRC) // P_SRC
-    nx = (sx + P_SRC) // P_SRC
+    # which of the three patches along each axis: on [-P, 2P) two compares equal (s + P) // P, without
+    # an integer division by a run-time value
+    ny = (sy >= 0).to(tl.int32) + (sy >= P_SRC).to(tl.int32)
+    nx = (sx >= 0).to(tl.int32) + (sx >= P_SRC).to(tl.int32)
     nslot = tl.load(nbr_ptr + n * 9 + ny * 3 + nx, mask=ok, other=-1)
     ly = sy - (ny - 1) * P_SRC
     lx = sx - (nx - 1) * P_SRC

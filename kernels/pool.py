@@ -74,7 +74,8 @@ def _maxpool_bwd_kernel(dy_ptr, arg_ptr, dx_ptr, nbr_ptr, M, C, Q, P, STRIDE, PA
     tl.store(dx_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-_ROWWISE = dict(fixed=config(4, 2, BLOCK_M=64, BLOCK_C=64), interp=config(BLOCK_M=256, BLOCK_C=64))
+# 8 warps: 16 elements of the 9-tap window per thread; with 4 warps fp32 spilled (benchmarks/kernel_compile.py)
+_ROWWISE = dict(fixed=config(8, 2, BLOCK_M=64, BLOCK_C=64), interp=config(BLOCK_M=256, BLOCK_C=64))
 _FWD = TunedKernel(_maxpool_fwd_kernel, [], key=[], **_ROWWISE)
 _BWD = TunedKernel(_maxpool_bwd_kernel, [], key=[], **_ROWWISE)
 

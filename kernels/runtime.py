@@ -32,7 +32,8 @@ if INTERPRET:
 BACKEND = "triton"
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-STATS_BLOCK_M = 512 if INTERPRET else 128
+GPU_STATS_BLOCK_M = 128
+STATS_BLOCK_M = 512 if INTERPRET else GPU_STATS_BLOCK_M
 """Rows per BatchNorm statistics block, shared by the conv epilogue and the BN kernels
 (larger under the interpreter, whose cost is per program)."""
 
@@ -48,6 +49,7 @@ class TunedKernel:
     def __init__(self, kernel, configs: list[triton.Config], key: list[str], fixed: triton.Config,
                  interp: triton.Config | None = None, reset_to_zero: list[str] | None = None, prune=None):
         self.kernel = kernel
+        self.configs, self.prune = list(configs), prune  # kept for the ahead-of-time resource check
         self.fixed = (interp or fixed) if INTERPRET else fixed
         self.tuned = None
         if not INTERPRET and len(configs) > 1:

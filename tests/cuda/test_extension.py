@@ -115,3 +115,20 @@ def test_missing_module_reasons_name_the_cause(monkeypatch):
     assert "without --no-build-isolation" in _ext._diagnose(missing)
     broken = ImportError("ctssl/_C.so: undefined symbol: _ZN3c10...")
     assert "built against another torch" in _ext._diagnose(broken)
+
+
+@needs_ext
+def test_compiled_kernels_neither_spill_nor_use_local_memory():
+    from benchmarks.extension_resources import cuobjdump, extension_path, resources
+
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (from triton or the CUDA toolkit) to read the extension's cubins")
+    rows = resources(extension_path(), tool)
+    kernels = {r["kernel"].split("<")[0] for r in rows}
+    assert kernels >= {"bn_apply_kernel", "bn_backward_apply_kernel", "welford_partial_kernel", "halo_gather_kernel",
+                       "halo_scatter_kernel", "max_pool_kernel", "pack_kernel", "densify_kernel", "neighbour_kernel"}
+    assert all(r["arch"] and r["arch"].startswith("sm_") for r in rows)
+    in_memory = [(r["arch"], r["kernel"], r["stack_bytes"], r["local_bytes"]) for r in rows
+                 if r["stack_bytes"] or r["local_bytes"]]
+    assert not in_memory, f"kernels with a stack frame or local memory (register spills): {in_memory}"
