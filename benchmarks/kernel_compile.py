@@ -261,6 +261,7 @@ def _measure(task: tuple) -> dict:
         compiled = compile_variant(v.tuned.kernel, v.args, {**v.flags, **cfg.kwargs}, arch, cfg.num_warps,
                                    cfg.num_stages)
         row.update(ptxas_resources(compiled, arch))
+        row.update(lowering(compiled))
     except Exception as e:  # report every failing variant, not just the first
         row["error"] = repr(e)[:2000]
     row["seconds"] = round(time.time() - t, 1)
@@ -272,6 +273,16 @@ _FORKED_TASKS: list = []
 
 def _measure_forked(i: int) -> dict:
     return _measure(_FORKED_TASKS[i])
+
+
+def lowering(compiled) -> dict:
+    """How the compiler lowered the kernel's dots and loads (from its TTGIR): ``mma`` is "wgmma"
+    (Hopper warp-group MMA), "mma" (mma.sync) or "-" (no dot); ``async_copies`` counts cp.async /
+    TMA copies, 0 meaning the loads feeding the dot were not software-pipelined."""
+    ttgir = compiled.asm["ttgir"]
+    mma = "wgmma" if "warp_group_dot" in ttgir else ("mma" if "tt.dot" in ttgir else "-")
+    copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
+    return dict(mma=mma, async_copies=copies)
 
 
 def run(archs, dtypes, every: bool, names=(), jobs: int = 1) -> list[dict]:
@@ -303,7 +314,8 @@ def _line(row: dict) -> str:
     if "error" in row:
         return f"FAIL {head}: {row['error']}"
     return (f"{head}: {row['registers']} regs, spill {row['spill_stores']}/{row['spill_loads']} B, "
-            f"smem {row['shared_bytes']} B{'' if row['fits_shared'] else ' (OVER LIMIT)'}")
+            f"smem {row['shared_bytes']} B{'' if row['fits_shared'] else ' (OVER LIMIT)'}, "
+            f"{row['mma']}, {row['async_copies']} async copies")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -322,21 +334,24 @@ def markdown(rows: list[dict], command: str) -> str:
         "- `fixed`: the config of deterministic mode (and of single-config kernels); `tuned i`: an autotune "
         "config the pruner keeps for this variant",
         "",
-        "| arch | variant | config | blocks | warps | stages | regs | spill st/ld (B) | smem (B) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "- `mma`: wgmma (Hopper warp-group MMA), mma (mma.sync) or - (no dot); `async`: cp.async/TMA copies "
+        "in the TTGIR, 0 for a dot kernel meaning its loads were not software-pipelined",
+        "",
+        "| arch | variant | config | blocks | warps | stages | regs | spill st/ld (B) | smem (B) | mma | async |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         blocks = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r["blocks"].items())
         if "error" in r:
             lines.append(f"| sm_{r['arch']} | {r['variant']} | {r['config']} | {blocks} | {r['num_warps']} | "
-                         f"{r['num_stages']} | compile failed | | |")
+                         f"{r['num_stages']} | compile failed | | | | |")
             continue
         smem = f"{r['shared_bytes']}" + ("" if r["fits_shared"] else " **over**")
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         if r["spill_stores"] or r["spill_loads"]:
             spill = f"**{spill}**"
         lines.append(f"| sm_{r['arch']} | {r['variant']} | {r['config']} | {blocks} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['registers']} | {spill} | {smem} |")
+                     f"{r['num_stages']} | {r['registers']} | {spill} | {smem} | {r['mma']} | {r['async_copies']} |")
     return "\n".join(lines) + "\n"
 
 

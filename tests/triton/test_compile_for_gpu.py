@@ -38,6 +38,14 @@ def test_fixed_configs_compile_without_spills_for_sm90_and_sm80(tmp_path):
     too_big = [(r["arch"], r["variant"], r["shared_bytes"]) for r in rows if not r["fits_shared"]]
     assert not too_big, f"fixed configs over the shared-memory limit: {too_big}"
     assert (tmp_path / "kernel-resources.md").read_text().count("| sm_") == len(rows)
+    # the conv GEMMs use the tensor-core MMA of each target and software-pipeline their loads
+    # (channel counts that are multiples of 16 allow the 16-byte async copies; bf16 24 -> 40 does not)
+    gemms = [r for r in rows if r["kernel"] in ("_gather_gemm_kernel", "_wgrad_kernel")]
+    assert len(gemms) >= 20
+    assert all(r["mma"] == ("wgmma" if r["arch"] == 90 else "mma") for r in gemms)
+    unpipelined = [(r["arch"], r["variant"]) for r in gemms
+                   if not r["async_copies"] and "multiples of 16" not in r["variant"]]
+    assert not unpipelined, f"conv GEMMs whose loads are not pipelined: {unpipelined}"
 
 
 def _per_thread(c) -> int:
