@@ -157,8 +157,9 @@ def _pool_layout_variants(dt: str) -> list[Variant]:
         Variant(f"pack image ({dt})", layout._PACK,
                 dict(img_ptr=x, rows_ptr=x, coords_ptr=i32, M=PATCHES * STEM_P ** 2, C=3, P=STEM_P,
                      s_b=3 * 224 * 224, s_c=224 * 224, s_h=224, s_w=1)),
-        Variant(f"densify with mask token ({dt})", layout._UNPACK,
-                dict(rows_ptr=x, out_ptr=x, slot_ptr=i32, token_ptr=f32, **dense), dict(FILL_TOKEN=True)),
+        Variant(f"densify with mask token, channels-last ({dt})", layout._UNPACK,
+                dict(rows_ptr=x, out_ptr=x, slot_ptr=i32, token_ptr=f32, **dense, o_b=256 * side * side, o_c=1,
+                     o_h=side * 256, o_w=256), dict(FILL_TOKEN=True)),
         Variant(f"masked sum (token grad) ({dt})", layout._MASKED_SUM,
                 dict(g_ptr=x, slot_ptr=i32, part_ptr=f32, **dense, s_b=256 * side * side, s_c=side * side,
                      s_h=side, s_w=1)),
@@ -282,7 +283,9 @@ def lowering(compiled) -> dict:
     ttgir = compiled.asm["ttgir"]
     mma = "wgmma" if "warp_group_dot" in ttgir else ("mma" if "tt.dot" in ttgir else "-")
     copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
-    return dict(mma=mma, async_copies=copies)
+    stores = re.findall(r"\bst\.global((?:\.[a-z0-9]+)*)", compiled.asm["ptx"])
+    vector = sum(".v2" in s or ".v4" in s for s in stores)
+    return dict(mma=mma, async_copies=copies, global_stores=len(stores), vector_stores=vector)
 
 
 def run(archs, dtypes, every: bool, names=(), jobs: int = 1) -> list[dict]:
@@ -335,23 +338,26 @@ def markdown(rows: list[dict], command: str) -> str:
         "config the pruner keeps for this variant",
         "",
         "- `mma`: wgmma (Hopper warp-group MMA), mma (mma.sync) or - (no dot); `async`: cp.async/TMA copies "
-        "in the TTGIR, 0 for a dot kernel meaning its loads were not software-pipelined",
+        "in the TTGIR, 0 for a dot kernel meaning its loads were not software-pipelined; `vec st`: global "
+        "store instructions in the PTX that write 2 or 4 words at once / all global stores",
         "",
-        "| arch | variant | config | blocks | warps | stages | regs | spill st/ld (B) | smem (B) | mma | async |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | variant | config | blocks | warps | stages | regs | spill st/ld (B) | smem (B) | mma | async "
+        "| vec st |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         blocks = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r["blocks"].items())
         if "error" in r:
             lines.append(f"| sm_{r['arch']} | {r['variant']} | {r['config']} | {blocks} | {r['num_warps']} | "
-                         f"{r['num_stages']} | compile failed | | | | |")
+                         f"{r['num_stages']} | compile failed | | | | | |")
             continue
         smem = f"{r['shared_bytes']}" + ("" if r["fits_shared"] else " **over**")
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         if r["spill_stores"] or r["spill_loads"]:
             spill = f"**{spill}**"
         lines.append(f"| sm_{r['arch']} | {r['variant']} | {r['config']} | {blocks} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['registers']} | {spill} | {smem} | {r['mma']} | {r['async_copies']} |")
+                     f"{r['num_stages']} | {r['registers']} | {spill} | {smem} | {r['mma']} | {r['async_copies']} | "
+                     f"{r['vector_stores']}/{r['global_stores']} |")
     return "\n".join(lines) + "\n"
 
 

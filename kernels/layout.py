@@ -52,9 +52,12 @@ def _dense_pixel_slot(slot_ptr, rp, p_ok, H, W, P, GW):
 
 
 @triton.jit
-def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW,
+def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW, o_b, o_c, o_h, o_w,
                    FILL_TOKEN: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[b, c, Y, X] (contiguous NCHW) = the packed row of pixel (b, Y, X), or 0 / token[c] if masked."""
+    """out[b, c, Y, X] (strides o_*) = the packed row of pixel (b, Y, X), or 0 / token[c] if masked.
+
+    With channels-last output o_c is 1, which the JIT makes a constant: rows and output are
+    then both contiguous along C and the stores vectorize."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     rp = pid_p * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
@@ -62,14 +65,14 @@ def _unpack_kernel(rows_ptr, out_ptr, slot_ptr, token_ptr, NPIX, C, H, W, P, GW,
     p_ok = rp < NPIX
     c_ok = rc < C
     b, yy, xx, slot = _dense_pixel_slot(slot_ptr, rp, p_ok, H, W, P, GW)
-    HW = H * W
     row = slot.to(tl.int64) * (P * P) + (yy % P) * P + xx % P
     visible = (slot >= 0)[:, None] & c_ok[None, :]
     v = tl.load(rows_ptr + row[:, None] * C + rc[None, :], mask=visible, other=0.0)
     if FILL_TOKEN:
         tok = tl.load(token_ptr + rc, mask=c_ok, other=0.0).to(v.dtype)
         v = tl.where(visible, v, tok[None, :])
-    offs = (b.to(tl.int64) * C)[:, None] * HW + rc.to(tl.int64)[None, :] * HW + (yy * W + xx)[:, None]
+    offs = (b.to(tl.int64) * o_b + yy.to(tl.int64) * o_h + xx.to(tl.int64) * o_w)[:, None] \
+        + rc.to(tl.int64)[None, :] * o_c
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
@@ -119,8 +122,12 @@ def pack(images: torch.Tensor, coords: torch.Tensor, p: int, out_dtype: torch.dt
 
 
 def unpack(rows: torch.Tensor, slot: torch.Tensor, shape: tuple[int, int, int, int], p: int,
-           token: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense contiguous ``(B, C, H, W)`` from rows; masked patches hold 0, or ``token`` per channel."""
+           token: torch.Tensor | None = None,
+           memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """Dense ``(B, C, H, W)`` from rows; masked patches hold 0, or ``token`` per channel.
+
+    Channels-last by default: the rows' own order, and what the dense decoder runs in under the
+    training recipe (the cuda backend densifies to it too)."""
     check_tensor("rows", rows, dim=2)
     _check_tables(slot, "slot", rows.device)
     B, C, H, W = shape
@@ -130,12 +137,12 @@ def unpack(rows: torch.Tensor, slot: torch.Tensor, shape: tuple[int, int, int, i
         check_tensor("token", token, device=rows.device, dtypes=None)
         if token.numel() != C:
             raise ValueError(f"{BACKEND}: token has {token.numel()} entries, expected one per channel ({C})")
-    out = torch.empty(B, C, H, W, device=rows.device, dtype=rows.dtype)
+    out = torch.empty(B, C, H, W, device=rows.device, dtype=rows.dtype, memory_format=memory_format)
     npix = B * H * W
     if npix and C:
         grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_PIX"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
         _UNPACK.launch(grid, rows, out, slot, token if token is not None else rows, npix, C, H, W, p, W // p,
-                       FILL_TOKEN=token is not None)
+                       *out.stride(), FILL_TOKEN=token is not None)
     return out
 
 
@@ -164,13 +171,16 @@ class PackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, coords, slot, p):
         ctx.tables, ctx.p, ctx.shape, ctx.dtype = (coords, slot), p, tuple(images.shape), images.dtype
+        ctx.memory_format = (torch.channels_last if images.dim() == 4 and not images.is_contiguous()
+                             and images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         return pack(images, coords, p)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         coords, slot = ctx.tables
-        return unpack(g.contiguous(), slot, ctx.shape, ctx.p).to(ctx.dtype), None, None, None
+        grad = unpack(g.contiguous(), slot, ctx.shape, ctx.p, memory_format=ctx.memory_format)
+        return grad.to(ctx.dtype), None, None, None  # laid out like the images
 
 
 class UnpackFunction(torch.autograd.Function):

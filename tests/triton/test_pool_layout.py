@@ -36,8 +36,27 @@ def test_pack_and_to_dense_round_trip_with_any_input_strides(rng):
     mask = PatchIndex(active).dense_mask(1, images.dtype)
     for x in (images, images.to(memory_format=torch.channels_last), images[:, :, :, :]):
         dense = sparse_at(x, active, "triton").to_dense()
-        assert dense.is_contiguous()
+        assert dense.is_contiguous(memory_format=torch.channels_last)  # the rows' order, like the cuda backend
         assert torch.equal(dense, images * mask)
+
+
+def test_image_gradient_is_laid_out_like_the_images(rng):
+    images = torch.randn(2, 3, 64, 64, generator=rng)
+    active = torch.tensor([[[True, False], [False, True]], [[True, True], [False, True]]])
+
+    def image_grad(x, backend):
+        x = x.clone().requires_grad_(True)
+        rows = sparse_at(x, active, backend).values
+        (rows * torch.arange(rows.numel(), dtype=rows.dtype).view_as(rows)).sum().backward()
+        return x.grad
+
+    expected = image_grad(images, "torch")
+    assert expected.abs().sum() > 0
+    for x, fmt in ((images, torch.contiguous_format), (images.to(memory_format=torch.channels_last),
+                                                       torch.channels_last)):
+        grad = image_grad(x, "triton")
+        assert grad.is_contiguous(memory_format=fmt)
+        assert torch.equal(grad, expected)
 
 
 def test_sparse_input_packs_like_torch_backend(rng):
