@@ -30,19 +30,21 @@ def extension_path() -> str | None:
     return found[0] if found else None
 
 
-def cuobjdump() -> str | None:
-    """Triton's bundled cuobjdump, else one on PATH or under CUDA_HOME."""
+def triton_bundled_tool(name: str) -> str | None:
+    """A CUDA binary (ptxas, cuobjdump, ...) that Triton ships in its NVIDIA backend, if present."""
     try:
         import triton
-
-        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(bundled):
-            return bundled
     except ImportError:
-        pass
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return shutil.which("cuobjdump") or (os.path.join(home, "bin", "cuobjdump")
-                                         if os.path.exists(os.path.join(home, "bin", "cuobjdump")) else None)
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+def cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump, else one on PATH or under CUDA_HOME."""
+    in_cuda_home = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    return (triton_bundled_tool("cuobjdump") or shutil.which("cuobjdump")
+            or (in_cuda_home if os.path.exists(in_cuda_home) else None))
 
 
 def _demangle(names: list[str]) -> list[str]:

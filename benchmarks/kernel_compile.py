@@ -42,6 +42,8 @@ import ctssl.kernels.pool as pool  # noqa: E402
 import ctssl.kernels.reduce as red  # noqa: E402
 from ctssl.kernels.runtime import STATS_BLOCK_M, TunedKernel, size_key  # noqa: E402
 
+from .extension_resources import triton_bundled_tool  # noqa: E402
+
 SMEM_LIMIT = {90: 232448, 80: 166912}
 """Most shared memory one block may use: H100/H200 (227 KiB) and A100 (163 KiB)."""
 
@@ -229,8 +231,7 @@ def _ptxas(arch: int) -> str:
 
         return get_ptxas(arch).path
     except (ImportError, AttributeError):  # another triton layout: its bin folder, then PATH
-        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        return bundled if os.path.exists(bundled) else "ptxas"
+        return triton_bundled_tool("ptxas") or "ptxas"
 
 
 def ptxas_resources(compiled, arch: int) -> dict:

@@ -138,14 +138,18 @@ def _fit_channels(configs, named_args) -> list[triton.Config]:
     return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
 
 
-def _prune_gemm(configs, named_args, **kwargs):
-    """Channel fit; FLAT_K keeps tiles that do not spill, a per-tap K block is at least 32 wide."""
-    kept = _fit_channels(configs, named_args)
-    if kwargs.get("FLAT_K", False):
+def _prune_tiles(configs, named_args, flat: bool, min_block_k: int) -> list[triton.Config]:
+    """Channel fit; FLAT_K keeps tiles that do not spill; K blocks at least ``min_block_k`` (one stays)."""
+    kept = [c for c in _fit_channels(configs, named_args) if c.kwargs["BLOCK_K"] >= min_block_k]
+    if flat:
         kept = [c for c in kept if _gathered_per_thread(c) <= FLAT_GATHER_PER_THREAD]
-    else:
-        kept = [c for c in kept if c.kwargs["BLOCK_K"] >= 32]
     return kept or configs[:1]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """A per-tap K block (not FLAT_K) is at least 32 wide."""
+    flat = kwargs.get("FLAT_K", False)
+    return _prune_tiles(configs, named_args, flat, min_block_k=1 if flat else 32)
 
 
 _GATHER_GEMM = TunedKernel(
@@ -226,11 +230,8 @@ def _wgrad_configs() -> list[triton.Config]:
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    """Channel fit; FLAT_K keeps tiles that do not spill (a tile gathers BLOCK_M x BLOCK_K)."""
-    kept = _fit_channels(configs, named_args)
-    if kwargs.get("FLAT_K", False):
-        kept = [c for c in kept if _gathered_per_thread(c) <= FLAT_GATHER_PER_THREAD]
-    return kept or configs[:1]
+    """A FLAT_K tile gathers BLOCK_M x BLOCK_K source elements, as in the forward GEMM."""
+    return _prune_tiles(configs, named_args, kwargs.get("FLAT_K", False), min_block_k=1)
 
 
 _WGRAD = TunedKernel(
