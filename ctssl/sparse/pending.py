@@ -7,7 +7,9 @@ Backends with a fused "BatchNorm apply + residual + activation" pass (``triton``
 other reader of ``values`` gets the BatchNorm applied alone (then cached).
 
 The backend provides ``_apply(pending, activation)`` (activation None, "relu" or
-"relu6"); ``pending`` exposes ``x1``, the rows being normalised.
+"relu6"); ``pending`` exposes ``x1``, the rows being normalised, and ``plus(other)``, the
+pending op with ``other`` added, or None where it cannot be fused. ``fuse_activation`` and
+``fuse_add`` are the backends' shared fusion rules.
 """
 from __future__ import annotations
 
@@ -57,4 +59,22 @@ class PendingBatchNorm(PackedTensor):
         return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
 
 
-__all__ = ["PendingBatchNorm"]
+def fuse_activation(x, activation: str, backend) -> PackedTensor | None:
+    """``activation(x)`` as the pending BatchNorm's own apply pass, or None when ``x`` is not one."""
+    if isinstance(x, PendingBatchNorm) and x.unapplied:
+        return PackedTensor(backend._apply(x.pending, activation), x.index, x.stride, backend)
+    return None
+
+
+def fuse_add(a, b, backend) -> PendingBatchNorm | None:
+    """``a + b`` kept pending when either operand is an unapplied BatchNorm whose ``plus`` takes the
+    other (either order), or None. The caller has checked that index and stride agree."""
+    for first, second in ((a, b), (b, a)):
+        if isinstance(first, PendingBatchNorm) and first.unapplied:
+            merged = first.pending.plus(second)
+            if merged is not None:
+                return PendingBatchNorm(merged, a.index, a.stride, backend)
+    return None
+
+
+__all__ = ["PendingBatchNorm", "fuse_activation", "fuse_add"]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ... import _ext
 from ..index import PatchIndex
-from ..pending import PendingBatchNorm
+from ..pending import PendingBatchNorm, fuse_activation, fuse_add
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, pair
 from .torch_packed import TorchBackend
@@ -412,24 +412,17 @@ class CudaBackend(TorchBackend):
         return apply_row_batch_norm(p.x1, p.weight, p.bias, p.stats, activation, p.res)
 
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return self._activate(x, "relu") or super().relu(x, inplace)
+        return fuse_activation(x, "relu", self) or super().relu(x, inplace)
 
     def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return self._activate(x, "relu6") or super().relu6(x, inplace)
-
-    def _activate(self, x: SparseTensor, activation: str) -> SparseTensor | None:
-        if isinstance(x, PendingBatchNorm) and x.unapplied:
-            return PackedTensor(self._apply(x.pending, activation), x.index, x.stride, self)
-        return None
+        return fuse_activation(x, "relu6", self) or super().relu6(x, inplace)
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
         """``bn(x) + r`` stays pending with ``r`` as the fused residual (either operand order)."""
         if isinstance(b, SparseTensor) and a.index is b.index and a.stride == b.stride and a.backend is b.backend:
-            for first, second in ((a, b), (b, a)):
-                if isinstance(first, PendingBatchNorm) and first.unapplied:
-                    merged = first.pending.plus(second)
-                    if merged is not None:
-                        return PendingBatchNorm(merged, a.index, a.stride, self)
+            fused = fuse_add(a, b, self)
+            if fused is not None:
+                return fused
         return super().add(a, b)
 
     def max_pool2d(self, x, kernel_size, stride, padding):
@@ -442,6 +435,6 @@ class CudaBackend(TorchBackend):
         return PackedTensor(y, x.index, out_stride, self)
 
 
-__all__ = ["CudaBackend", "PatchTables", "patch_tables", "RowStats", "row_stats", "batch_norm_stats", "apply_row_batch_norm",
-           "row_batch_norm", "PackPatches", "Densify", "MaskedConv2d", "RowBatchNormApply", "MaskedMaxPool2d",
-           "ACTIVATIONS"]
+__all__ = ["CudaBackend", "PatchTables", "patch_tables", "RowStats", "row_stats", "batch_norm_stats",
+           "apply_row_batch_norm", "row_batch_norm", "PackPatches", "Densify", "MaskedConv2d", "RowBatchNormApply",
+           "MaskedMaxPool2d", "ACTIVATIONS"]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..index import PatchIndex
-from ..pending import PendingBatchNorm
+from ..pending import PendingBatchNorm, fuse_activation, fuse_add
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, pair
 from .torch_packed import TorchBackend
@@ -208,21 +208,14 @@ class TritonBackend(TorchBackend):
 
     # --- elementwise ---------------------------------------------------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        if isinstance(x, PendingBatchNorm) and x.unapplied:
-            return PackedTensor(self._apply(x.pending, "relu"), x.index, x.stride, self)
-        return x.map(F.relu)  # out of place: autograd may have saved the values
+        return fuse_activation(x, "relu", self) or x.map(F.relu)  # out of place: autograd may have saved the values
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
         if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:
             raise ValueError("can only add sparse tensors of the same batch index and stride")
         if a.backend is not b.backend and a.backend.name != b.backend.name:
             raise ValueError(f"cannot add tensors of backends {a.backend.name} and {b.backend.name}")
-        for first, second in ((a, b), (b, a)):
-            if isinstance(first, PendingBatchNorm) and first.unapplied and first.pending.single:
-                merged = first.pending.plus(second)
-                if merged is not None:
-                    return PendingBatchNorm(merged, a.index, a.stride, self)
-        return a.with_values(a.values + b.values)
+        return fuse_add(a, b, self) or a.with_values(a.values + b.values)
 
 
 def _distributed(process_group) -> bool:
@@ -266,7 +259,9 @@ class _PendingBN:
         return self.x2 is None and self.res is None
 
     def plus(self, other: SparseTensor) -> "_PendingBN | None":
-        """This BN plus ``other`` as one pending op, or None when the pair cannot be fused."""
+        """This single BN plus ``other`` as one pending op, or None when they cannot be fused."""
+        if not self.single:
+            return None
         if isinstance(other, PendingBatchNorm) and other.unapplied and other.pending.single:
             o = other.pending
             if o.x1.dtype == self.x1.dtype and o.s1.group is self.s1.group:
