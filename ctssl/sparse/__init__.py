@@ -21,10 +21,11 @@ from .tensor import MaskedDenseTensor, PackedTensor, SparseTensor
 def sparse_input(images: torch.Tensor, active: torch.Tensor, backend: str | Backend = "dense",
                  *, patch_size: int = PATCH_SIZE, check_finite: bool = True,
                  index: PatchIndex | None = None) -> SparseTensor:
-    """Mask an image batch and put it in ``backend``'s layout (the index is built here, once)."""
+    """Mask an image (or volume) batch and put it in ``backend``'s layout (the index is built here, once)."""
     check_images(images, patch_size, check_finite)
     check_mask(active, images, patch_size)
     be = get_backend(backend, images.device)
+    be.check_spatial_dims(images.dim() - 2)
     if index is None:
         index = PatchIndex(active, patch_size)
     return be.sparse_input(images, index)

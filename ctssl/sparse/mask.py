@@ -1,9 +1,12 @@
-"""SparK's patch masks: which 32x32 patches of each image are visible.
+"""SparK's patch masks: which patches of each image (or volume) are visible.
 
 A mask is a boolean tensor ``(B, h, w)`` over the patch grid of an image batch
-``(B, C, h * patch, w * patch)``; True marks a visible (active) patch.
+``(B, C, h * patch, w * patch)``, or ``(B, d, h, w)`` over the grid of a volume batch
+``(B, C, d * patch, h * patch, w * patch)``; True marks a visible (active) patch.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,7 +23,7 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 def random_patch_mask(
     batch_size: int,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     mask_ratio: float = 0.6,
     *,
     generator: torch.Generator | None = None,
@@ -31,35 +34,41 @@ def random_patch_mask(
     The noise is drawn on the CPU from ``generator`` (or torch's global RNG), so
     the same seed gives the same mask on every device.
     """
-    h, w = grid
-    if batch_size < 1 or h < 1 or w < 1:
+    grid = tuple(int(g) for g in grid)
+    if len(grid) not in (2, 3):
+        raise ValueError(f"grid must have 2 (h, w) or 3 (d, h, w) entries, got {grid}")
+    if batch_size < 1 or min(grid) < 1:
         raise ValueError(f"batch_size and grid must be positive, got {batch_size} and {grid}")
-    num_patches = h * w
+    num_patches = math.prod(grid)
     keep = num_visible(num_patches, mask_ratio)
     noise = torch.rand(batch_size, num_patches, generator=generator)
     kept = noise.argsort(dim=1)[:, :keep]
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool)
     mask.scatter_(1, kept, True)
-    return mask.view(batch_size, h, w).to(device)
+    return mask.view(batch_size, *grid).to(device)
 
 
-def patch_grid(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
-    """The patch grid ``(h, w)`` of an image batch, checking that the sizes divide."""
+def patch_grid(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> tuple[int, ...]:
+    """The patch grid ``(h, w)`` of an image batch or ``(d, h, w)`` of a volume batch, checking that
+    the sizes divide."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(images.shape)}")
-    H, W = images.shape[-2:]
-    if H % patch_size or W % patch_size or H == 0 or W == 0:
+    if images.dim() not in (4, 5):
+        raise ValueError(f"images must have shape (B, C, H, W) (or volumes (B, C, D, H, W)), "
+                         f"got shape {tuple(images.shape)}")
+    sizes = tuple(images.shape[2:])
+    if any(s % patch_size or s == 0 for s in sizes):
+        what = "height and width" if len(sizes) == 2 else "depth, height and width"
         raise ValueError(
-            f"images height and width must be positive multiples of {patch_size} "
-            f"(the patch size), got {H}x{W}"
+            f"images {what} must be positive multiples of {patch_size} "
+            f"(the patch size), got {'x'.join(map(str, sizes))}"
         )
-    return H // patch_size, W // patch_size
+    return tuple(s // patch_size for s in sizes)
 
 
 def check_mask(active: torch.Tensor, images: torch.Tensor, patch_size: int = PATCH_SIZE) -> None:
-    """Raise a clear error unless ``active`` is a boolean ``(B, H/p, W/p)`` mask on the images' device."""
+    """Raise a clear error unless ``active`` is a boolean ``(B, H/p, W/p)`` (or ``(B, D/p, H/p, W/p)``)
+    mask on the images' device."""
     grid = patch_grid(images, patch_size)
     if not isinstance(active, torch.Tensor):
         raise TypeError(f"active must be a boolean torch.Tensor, got {type(active).__name__}")
@@ -67,8 +76,9 @@ def check_mask(active: torch.Tensor, images: torch.Tensor, patch_size: int = PAT
         raise TypeError(f"active must have dtype torch.bool, got {active.dtype}")
     expected = (images.shape[0], *grid)
     if tuple(active.shape) != expected:
+        axes = ", ".join(f"{a}/{patch_size}" for a in "DHW"[3 - len(grid):])
         raise ValueError(
-            f"active must have shape (B, H/{patch_size}, W/{patch_size}) = {expected} "
+            f"active must have shape (B, {axes}) = {expected} "
             f"for images of shape {tuple(images.shape)}, got {tuple(active.shape)}"
         )
     if active.device != images.device:

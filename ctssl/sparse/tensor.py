@@ -1,10 +1,10 @@
 """Sparse feature maps: the values of a masked batch plus the index that explains them.
 
-Two layouts share one interface:
-- ``PackedTensor``: visible pixels only, rows ``(N * p * p, C)`` channels last,
+Two layouts share one interface, for images (2 spatial axes) and volumes (3):
+- ``PackedTensor``: visible pixels only, rows ``(N * p ** ndim, C)`` channels last,
   rows of slot n first, row-major inside the patch (the fast backends' layout);
-- ``MaskedDenseTensor``: a dense ``(B, C, H, W)`` map that is zero at masked
-  positions (SparK's emulation, the reference layout).
+- ``MaskedDenseTensor``: a dense ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) map that is
+  zero at masked positions (SparK's emulation, the reference layout).
 Modules never look inside: they call the tensor's backend.
 """
 from __future__ import annotations
@@ -35,13 +35,17 @@ class SparseTensor:
         return self.index.patch_side(self.stride)
 
     @property
+    def ndim(self) -> int:
+        """Spatial axes: 2 for images, 3 for volumes."""
+        return self.index.ndim
+
+    @property
     def channels(self) -> int:
         raise NotImplementedError
 
     @property
-    def dense_shape(self) -> tuple[int, int, int, int]:
-        p = self.patch_side
-        return (self.index.batch_size, self.channels, self.index.h * p, self.index.w * p)
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.index.batch_size, self.channels, *self.index.dense_grid(self.stride))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,7 +77,7 @@ class SparseTensor:
 
 
 class PackedTensor(SparseTensor):
-    """Visible pixels as rows ``(N * p * p, C)``, channels last."""
+    """Visible pixels (voxels) as rows ``(N * p ** ndim, C)``, channels last."""
 
     __slots__ = ()
 
@@ -82,13 +86,12 @@ class PackedTensor(SparseTensor):
         return self.values.shape[1]
 
     def patches(self) -> torch.Tensor:
-        """View as ``(N, p, p, C)``."""
-        p = self.patch_side
-        return self.values.view(self.index.num_patches, p, p, self.channels)
+        """View as ``(N, p, p, C)`` (or ``(N, p, p, p, C)``)."""
+        return self.values.view(self.index.num_patches, *([self.patch_side] * self.ndim), self.channels)
 
 
 class MaskedDenseTensor(SparseTensor):
-    """A dense ``(B, C, H, W)`` map, zero wherever the patch mask is False."""
+    """A dense ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) map, zero wherever the patch mask is False."""
 
     __slots__ = ()
 

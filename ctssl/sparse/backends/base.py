@@ -13,12 +13,17 @@ from ..index import PatchIndex
 from ..tensor import SparseTensor
 
 
-def pair(v) -> tuple[int, int]:
+def ntuple(v, n: int) -> tuple[int, ...]:
+    """An int or an n-sequence as an n-tuple of ints (torch's convention for kernel, stride, ...)."""
     if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"expected an int or a pair, got {v}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+        if len(v) != n:
+            raise ValueError(f"expected an int or {n} values, got {v}")
+        return tuple(int(e) for e in v)
+    return (int(v),) * n
+
+
+def pair(v) -> tuple[int, int]:
+    return ntuple(v, 2)
 
 
 def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1) -> int:
@@ -27,9 +32,10 @@ def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1)
     SparK's sparse ops require the output map to be exactly the input map divided
     by the stride (so the same patches stay visible); anything else is refused.
     """
-    k, s, pad, d = pair(kernel), pair(stride), pair(padding), pair(dilation)
+    n = x.ndim
+    k, s, pad, d = ntuple(kernel, n), ntuple(stride, n), ntuple(padding, n), ntuple(dilation, n)
     p = x.patch_side
-    for axis in (0, 1):
+    for axis in range(n):
         if p % s[axis]:
             raise ValueError(
                 f"{op}: stride {s[axis]} does not divide the patch side {p} at feature stride {x.stride}"
@@ -40,16 +46,22 @@ def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1)
                 f"{op}: kernel {k}, stride {s}, padding {pad}, dilation {d} does not map a patch of side "
                 f"{p} onto side {p // s[axis]}; sparse ops need output size = input size / stride"
             )
-    if s[0] != s[1]:
+    if len(set(s)) != 1:
         raise ValueError(f"{op}: anisotropic stride {s} is not supported")
     return x.stride * s[0]
 
 
 class Backend:
-    """One implementation of the masked ops, selected by name."""
+    """One implementation of the masked ops, selected by name.
+
+    Op names follow ``torch.nn.functional``: ``conv2d`` / ``conv3d``, ``max_pool2d`` /
+    ``max_pool3d``, ... A backend lists the grids it computes on in ``spatial_dims``
+    (2: images, 3: volumes); ``sparse_input`` refuses the others with that reason.
+    """
 
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
+    spatial_dims: tuple[int, ...] = (2,)
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not and what to install."""
@@ -57,6 +69,14 @@ class Backend:
 
     def check_device(self, device: torch.device) -> None:
         """Raise a clear error if this backend cannot run on ``device``."""
+
+    def check_spatial_dims(self, ndim: int) -> None:
+        """Raise a clear error if this backend has no ops for ``ndim``-D grids (2: images, 3: volumes)."""
+        if ndim not in self.spatial_dims:
+            what = {2: "2-D images", 3: "3-D volumes"}.get(ndim, f"{ndim}-D grids")
+            raise ValueError(f"backend {self.name!r} does not implement sparse ops on {what} "
+                             f"(it supports {', '.join(f'{d}-D' for d in self.spatial_dims)}); "
+                             f"use backend 'torch' or 'dense'")
 
     # --- layout conversion -------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -66,11 +86,15 @@ class Backend:
         raise NotImplementedError
 
     def densify(self, x: SparseTensor, token: torch.Tensor) -> torch.Tensor:
-        """Dense ``(B, C, H, W)`` map with masked positions filled by a per-channel token."""
+        """Dense ``(B, C, *spatial)`` map with masked positions filled by a per-channel token."""
         raise NotImplementedError
 
     # --- ops ---------------------------------------------------------------
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups) -> SparseTensor:
+        raise NotImplementedError
+
+    def conv3d(self, x, weight, bias, stride, padding, dilation, groups) -> SparseTensor:
+        self.check_spatial_dims(3)
         raise NotImplementedError
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -80,7 +104,15 @@ class Backend:
     def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
         raise NotImplementedError
 
+    def max_pool3d(self, x, kernel_size, stride, padding) -> SparseTensor:
+        self.check_spatial_dims(3)
+        raise NotImplementedError
+
     def avg_pool2d(self, x, kernel_size, stride, padding, count_include_pad=True) -> SparseTensor:
+        raise NotImplementedError
+
+    def avg_pool3d(self, x, kernel_size, stride, padding, count_include_pad=True) -> SparseTensor:
+        self.check_spatial_dims(3)
         raise NotImplementedError
 
     def scale_samples(self, x: SparseTensor, scale: torch.Tensor) -> SparseTensor:

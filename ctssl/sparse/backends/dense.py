@@ -3,6 +3,7 @@
 Every op runs densely on the full map and is then multiplied by the patch mask at
 its output resolution; BatchNorm gathers the visible pixels with a boolean index,
 normalises them and scatters them back into zeros, exactly as SparK's code does.
+Images and volumes alike: the ops are torch's 2-D or 3-D ones.
 """
 from __future__ import annotations
 
@@ -14,10 +15,20 @@ from ..index import PatchIndex
 from ..tensor import MaskedDenseTensor, SparseTensor
 from .base import Backend, check_aligned
 
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def channels_last(values: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> ``(B, *spatial, C)`` (a view)."""
+    return values.movedim(1, -1)
+
 
 class DenseBackend(Backend):
     name = "dense"
     needs = "nothing (always available)"
+    spatial_dims = (2, 3)
 
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
         mask = index.dense_mask(1, images.dtype)
@@ -28,34 +39,38 @@ class DenseBackend(Backend):
 
     def densify(self, x: SparseTensor, token: torch.Tensor) -> torch.Tensor:
         mask = x.index.dense_mask(x.stride)
-        return torch.where(mask, x.values, token.to(x.values.dtype).view(1, -1, 1, 1))
+        return torch.where(mask, x.values, token.to(x.values.dtype).view(1, -1, *([1] * x.ndim)))
 
     def _masked(self, x: SparseTensor, y: torch.Tensor, stride: int) -> SparseTensor:
         return MaskedDenseTensor(y * x.index.dense_mask(stride, y.dtype), x.index, stride, self)
 
-    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
-        out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
-        y = F.conv2d(x.values, weight, bias, stride, padding, dilation, groups)
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):
+        out_stride = check_aligned(f"conv{x.ndim}d", x, weight.shape[2:], stride, padding, dilation)
+        y = _CONV[x.ndim](x.values, weight, bias, stride, padding, dilation, groups)
         return self._masked(x, y, out_stride)
 
-    def max_pool2d(self, x, kernel_size, stride, padding):
-        out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
-        return self._masked(x, F.max_pool2d(x.values, kernel_size, stride, padding), out_stride)
+    def _max_pool(self, x, kernel_size, stride, padding):
+        out_stride = check_aligned(f"max_pool{x.ndim}d", x, kernel_size, stride, padding)
+        return self._masked(x, _MAX_POOL[x.ndim](x.values, kernel_size, stride, padding), out_stride)
 
-    def avg_pool2d(self, x, kernel_size, stride, padding, count_include_pad=True):
-        out_stride = check_aligned("avg_pool2d", x, kernel_size, stride, padding)
-        y = F.avg_pool2d(x.values, kernel_size, stride, padding, count_include_pad=count_include_pad)
+    def _avg_pool(self, x, kernel_size, stride, padding, count_include_pad=True):
+        out_stride = check_aligned(f"avg_pool{x.ndim}d", x, kernel_size, stride, padding)
+        y = _AVG_POOL[x.ndim](x.values, kernel_size, stride, padding, count_include_pad=count_include_pad)
         return self._masked(x, y, out_stride)
+
+    conv2d = conv3d = _conv
+    max_pool2d = max_pool3d = _max_pool
+    avg_pool2d = avg_pool3d = _avg_pool
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None):
-        mask = x.index.dense_mask(x.stride).squeeze(1)  # (B, H, W)
-        bhwc = x.values.permute(0, 2, 3, 1)
-        rows = batch_norm_rows(bhwc[mask], weight, bias, running_mean, running_var, training, momentum,
+        mask = x.index.dense_mask(x.stride).squeeze(1)  # (B, *spatial)
+        values = channels_last(x.values)
+        rows = batch_norm_rows(values[mask], weight, bias, running_mean, running_var, training, momentum,
                                eps, process_group)
-        out = torch.zeros(bhwc.shape, dtype=rows.dtype, device=rows.device)
+        out = torch.zeros(values.shape, dtype=rows.dtype, device=rows.device)
         out[mask] = rows
-        return MaskedDenseTensor(out.permute(0, 3, 1, 2), x.index, x.stride, self)
+        return MaskedDenseTensor(out.movedim(-1, 1), x.index, x.stride, self)
 
     def scale_samples(self, x, scale):
-        return x.with_values(x.values * scale.to(x.values.dtype).view(-1, 1, 1, 1))
+        return x.with_values(x.values * scale.to(x.values.dtype).view(-1, *([1] * (x.ndim + 1))))

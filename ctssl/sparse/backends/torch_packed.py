@@ -1,9 +1,10 @@
-"""The ``torch`` backend: the packed layout with plain framework ops.
+"""The ``torch`` backend: the packed layout with plain framework ops, for images and volumes.
 
-A k x k conv gathers each visible patch with a halo of ``padding`` pixels from its
-neighbours and runs the framework conv with padding 0; 1x1 convs are matmuls on
-the rows; BatchNorm is plain BatchNorm over the rows. Correct on CPU and GPU, and
-the baseline the custom kernels must beat.
+A k x k (x k) conv gathers each visible patch with a halo of ``padding`` pixels from
+its neighbours (as many patches away as the halo reaches) and runs the framework
+conv with padding 0; 1x1 convs are matmuls on the rows; BatchNorm is plain
+BatchNorm over the rows. Correct on CPU and GPU, and the baseline the custom
+kernels must beat.
 """
 from __future__ import annotations
 
@@ -14,97 +15,119 @@ from ..batchnorm_rows import batch_norm_rows
 from ..halo import halo_gather
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import Backend, check_aligned, pair
+from .base import Backend, check_aligned, ntuple
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _split_patches(ndim: int) -> tuple[int, ...]:
+    """Permutation of ``(B, C, g1, p, g2, p[, g3, p])`` into ``(B, g1, g2[, g3], p, p[, p], C)``."""
+    return (0, *range(2, 2 + 2 * ndim, 2), *range(3, 3 + 2 * ndim, 2), 1)
+
+
+def _merge_patches(ndim: int) -> tuple[int, ...]:
+    """Permutation of ``(B, g1, g2[, g3], p, p[, p], C)`` back into ``(B, C, g1, p, g2, p[, g3, p])``."""
+    order = []
+    for axis in range(ndim):
+        order += [1 + axis, 1 + ndim + axis]
+    return (0, 1 + 2 * ndim, *order)
 
 
 class TorchBackend(Backend):
     name = "torch"
     needs = "nothing (always available)"
+    spatial_dims = (2, 3)
 
     # --- layout ------------------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
-        B, C, H, W = images.shape
-        p = index.patch_size
-        patches = images.reshape(B, C, index.h, p, index.w, p).permute(0, 2, 4, 3, 5, 1)
-        patches = patches.reshape(B * index.h * index.w, p, p, C)
+        B, C = images.shape[:2]
+        p, n = index.patch_size, index.ndim
+        split = [B, C]
+        for g in index.grid:
+            split += [g, p]
+        patches = images.reshape(split).permute(_split_patches(n)).reshape(-1, *([p] * n), C)
         rows = patches.index_select(0, index.patch_ids).reshape(-1, C)
         return PackedTensor(rows, index, 1, self)
 
     def _scatter(self, x: SparseTensor, fill: torch.Tensor) -> torch.Tensor:
-        """Write the packed patches into ``fill`` ``(B*h*w, p, p, C)`` and return ``(B, C, H, W)``."""
+        """Write the packed patches into ``fill`` ``(B * prod(grid), p, ..., p, C)``; return ``(B, C, *spatial)``."""
         idx = x.index
-        p, C = x.patch_side, x.channels
-        out = fill.index_copy(0, idx.patch_ids, x.values.view(idx.num_patches, p, p, C))
-        out = out.view(idx.batch_size, idx.h, idx.w, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(idx.batch_size, C, idx.h * p, idx.w * p)
+        out = fill.index_copy(0, idx.patch_ids, x.patches())
+        out = out.view(idx.batch_size, *idx.grid, *([x.patch_side] * x.ndim), x.channels)
+        out = out.permute(_merge_patches(x.ndim))
+        return out.reshape(idx.batch_size, x.channels, *idx.dense_grid(x.stride))
+
+    def _fill_shape(self, x: SparseTensor) -> tuple[int, ...]:
+        idx = x.index
+        return (idx.active.numel(), *([x.patch_side] * x.ndim), x.channels)
 
     def to_dense(self, x: SparseTensor) -> torch.Tensor:
-        idx, p = x.index, x.patch_side
-        zeros = x.values.new_zeros(idx.batch_size * idx.h * idx.w, p, p, x.channels)
-        return self._scatter(x, zeros)
+        return self._scatter(x, x.values.new_zeros(self._fill_shape(x)))
 
     def densify(self, x: SparseTensor, token: torch.Tensor) -> torch.Tensor:
-        idx, p = x.index, x.patch_side
-        fill = token.to(x.values.dtype).view(1, 1, 1, -1).expand(idx.batch_size * idx.h * idx.w, p, p, -1)
+        fill = token.to(x.values.dtype).view(*([1] * (x.ndim + 1)), -1).expand(self._fill_shape(x))
         return self._scatter(x, fill)
 
     # --- ops ---------------------------------------------------------------
     def _halo(self, x: SparseTensor, padding, pad_value: float = 0.0) -> torch.Tensor:
-        """Halo-padded patches as an NCHW view of channels-last memory."""
-        ph, pw = pair(padding)
-        if ph != pw:
-            raise ValueError(f"backend {self.name}: only square padding is supported, got {(ph, pw)}")
-        plan = x.index.halo_plan(x.patch_side, ph)
-        return halo_gather(x.values, plan, x.index.num_patches, pad_value).permute(0, 3, 1, 2)
+        """Halo-padded patches ``(N, C, P, ..., P)``: a channels-first view of channels-last memory."""
+        pads = ntuple(padding, x.ndim)
+        if len(set(pads)) != 1:
+            raise ValueError(f"backend {self.name}: only equal padding on every axis is supported, got {pads}")
+        plan = x.index.halo_plan(x.patch_side, pads[0])
+        return halo_gather(x.values, plan, x.index.num_patches, pad_value).movedim(-1, 1)
 
     def _rows(self, y: torch.Tensor) -> torch.Tensor:
-        """``(N, C, p, p)`` conv output back to rows ``(N * p * p, C)``."""
-        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        """``(N, C, p, ..., p)`` op output back to rows ``(N * p ** ndim, C)``."""
+        return y.movedim(1, -1).reshape(-1, y.shape[1])
 
-    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
-        out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
-        s = pair(stride)[0]
-        if weight.shape[-2:] == (1, 1) and pair(padding) == (0, 0) and groups == 1:
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):
+        n = x.ndim
+        out_stride = check_aligned(f"conv{n}d", x, weight.shape[2:], stride, padding, dilation)
+        s = ntuple(stride, n)[0]
+        if all(k == 1 for k in weight.shape[2:]) and set(ntuple(padding, n)) == {0} and groups == 1:
             rows = x.values
             if s > 1:
-                p = x.patch_side
-                rows = x.patches()[:, ::s, ::s].reshape(-1, x.channels)
+                rows = x.patches()[(slice(None),) + (slice(None, None, s),) * n].reshape(-1, x.channels)
             y = F.linear(rows, weight.flatten(1), bias)
             return PackedTensor(y, x.index, out_stride, self)
         if x.index.num_patches == 0:
             return PackedTensor(x.values.new_zeros(0, weight.shape[0]), x.index, out_stride, self)
-        y = F.conv2d(self._halo(x, padding), weight, bias, stride, 0, dilation, groups)
+        y = _CONV[n](self._halo(x, padding), weight, bias, stride, 0, dilation, groups)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
 
-    def max_pool2d(self, x, kernel_size, stride, padding):
-        out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
+    def _max_pool(self, x, kernel_size, stride, padding):
+        out_stride = check_aligned(f"max_pool{x.ndim}d", x, kernel_size, stride, padding)
         if x.index.num_patches == 0:
             return PackedTensor(x.values, x.index, out_stride, self)
-        y = F.max_pool2d(self._halo(x, padding, float("-inf")), kernel_size, stride, 0)
+        y = _MAX_POOL[x.ndim](self._halo(x, padding, float("-inf")), kernel_size, stride, 0)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
 
-    def avg_pool2d(self, x, kernel_size, stride, padding, count_include_pad=True):
-        out_stride = check_aligned("avg_pool2d", x, kernel_size, stride, padding)
+    def _avg_pool(self, x, kernel_size, stride, padding, count_include_pad=True):
+        out_stride = check_aligned(f"avg_pool{x.ndim}d", x, kernel_size, stride, padding)
         if x.index.num_patches == 0:
             return PackedTensor(x.values, x.index, out_stride, self)
-        y = F.avg_pool2d(self._halo(x, padding), kernel_size, stride, 0)
-        if not count_include_pad and pair(padding) != (0, 0):
-            # divide by the number of in-image taps instead of k*k
-            inside = x.values.new_ones(x.values.shape[0], 1)
-            ones = x.with_values(inside)
-            frac = F.avg_pool2d(self._halo_outside_zero(ones, padding), kernel_size, stride, 0)
-            y = y / frac
+        pool = _AVG_POOL[x.ndim]
+        y = pool(self._halo(x, padding), kernel_size, stride, 0)
+        if not count_include_pad and set(ntuple(padding, x.ndim)) != {0}:
+            # divide by the number of in-grid taps instead of k ** ndim
+            ones = x.with_values(x.values.new_ones(x.values.shape[0], 1))
+            y = y / pool(self._halo_outside_zero(ones, padding), kernel_size, stride, 0)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
+
+    conv2d = conv3d = _conv
+    max_pool2d = max_pool3d = _max_pool
+    avg_pool2d = avg_pool3d = _avg_pool
 
     def _halo_outside_zero(self, ones: SparseTensor, padding) -> torch.Tensor:
         """Halo of an all-ones map where masked neighbours read 1 and outside reads 0."""
-        ph = pair(padding)[0]
-        plan = ones.index.halo_plan(ones.patch_side, ph)
+        plan = ones.index.halo_plan(ones.patch_side, ntuple(padding, ones.ndim)[0])
         h = halo_gather(ones.values, plan, ones.index.num_patches, 0.0).clone()
-        flat = h.view(-1, 1)
         if plan.ring_zero.numel():
-            flat.index_fill_(0, plan.ring_zero, 1.0)
-        return h.permute(0, 3, 1, 2)
+            h.view(-1, 1).index_fill_(0, plan.ring_zero, 1.0)
+        return h.movedim(-1, 1)
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None):
