@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .models import create_resnet
+from .models import create_encoder
 from .sparse import backend_status, random_patch_mask
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = create_resnet(args.arch).to(device).train()
+    model = create_encoder(args.arch).to(device).train()
     grid = (args.image_size // 32, args.image_size // 32)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     active = random_patch_mask(args.batch_size, grid, args.mask_ratio,

@@ -16,6 +16,7 @@ from torch import nn
 from ..sparse import sparse_input
 from ..sparse.backends import Backend
 from ..sparse.modules import BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
+from .registry import create_encoder, register_encoder
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> Conv2d:
@@ -85,11 +86,13 @@ class ResNet(nn.Module):
     """
 
     patch_size = 32  # total downsampling: SparK's patch size for this encoder
+    spatial_dims = 2
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
                  in_chans: int = 3, drop_path_rate: float = 0.0, zero_init_residual: bool = False):
         super().__init__()
         self.inplanes = 64
+        self.in_chans = in_chans
         self.conv1 = Conv2d(in_chans, 64, 7, 2, 3, bias=False)
         self.bn1 = BatchNorm2d(64)
         self.relu = ReLU(inplace=True)
@@ -193,9 +196,11 @@ def resnet152(**kwargs) -> ResNet:
 
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101,
            "resnet152": resnet152}
+for _name, _factory in RESNETS.items():
+    register_encoder(_name, _factory)
 
 
 def create_resnet(name: str, **kwargs) -> ResNet:
     if name not in RESNETS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(RESNETS)}")
-    return RESNETS[name](**kwargs)
+        raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
+    return create_encoder(name, **kwargs)

@@ -92,12 +92,12 @@ def method_hparams(cfg: PretrainConfig, defaults: dict[str, Any], plan: RunPlan 
 
 def build_method(cfg: PretrainConfig, plan: RunPlan | None = None) -> torch.nn.Module:
     """The ``ctssl.ssl`` method of ``cfg`` around a fresh ``cfg.arch`` encoder (CPU, fp32)."""
-    from ctssl.models import create_resnet
+    from ctssl.models import create_encoder
     from ctssl.ssl import create_method
 
     from .config import method_default_hparams
 
-    encoder = create_resnet(cfg.arch, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path_rate)
+    encoder = create_encoder(cfg.arch, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path_rate)
     hparams = method_hparams(cfg, method_default_hparams(cfg.method), plan)
     try:
         return create_method(cfg.method, encoder, backend=cfg.backend, **hparams)

@@ -150,3 +150,14 @@ def test_drop_path_rate_is_spread_over_blocks():
     rates = [b.drop_path.p for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
              for b in layer if b.drop_path is not None]
     assert len(rates) == 15 and abs(rates[-1] - 0.05) < 1e-9 and rates == sorted(rates)
+
+
+def test_encoders_are_created_by_name_with_their_contract():
+    from ctssl.models import create_encoder, encoder_names
+
+    assert {"resnet18", "resnet50"} <= set(encoder_names())
+    enc = create_encoder("resnet18", in_chans=1)
+    assert (enc.patch_size, enc.spatial_dims, enc.in_chans) == (32, 2, 1)
+    assert enc.feature_channels == (64, 128, 256, 512) and enc.feature_strides == (4, 8, 16, 32)
+    with pytest.raises(ValueError, match="unknown encoder 'resnet17'; choose one of resnet18"):
+        create_encoder("resnet17")
