@@ -28,14 +28,15 @@ def edge_masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.T
     return [random, edge, single]
 
 
-def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1):
-    """A sparse map at ``stride``, built at stride 1 and brought down by non-overlapping average pooling."""
+def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1, patch_size: int = 32):
+    """A sparse map (images or volumes) at ``stride``, built at stride 1 and brought down by
+    non-overlapping average pooling."""
     from ctssl.sparse import PatchIndex, get_backend
 
     be = get_backend(backend) if isinstance(backend, str) else backend
-    x = be.sparse_input(images, PatchIndex(active))
+    x = be.sparse_input(images, PatchIndex(active, patch_size))
     if stride > 1:
-        x = be.avg_pool2d(x, stride, stride, 0)
+        x = getattr(be, f"avg_pool{x.ndim}d")(x, stride, stride, 0)
     return x
 
 

@@ -343,6 +343,7 @@ class CudaBackend(TorchBackend):
     """Packed layout on ctssl's CUDA kernels; needs the compiled extension and a GPU."""
 
     name = "cuda"
+    spatial_dims = (2,)  # the operators in csrc/ index 2-D patch grids only
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "
              "with nvcc and a CUDA build of torch")
 

@@ -106,6 +106,7 @@ class SpconvBackend(TorchBackend):
     """Packed rows, spatial ops through spconv (``impl``: "spconv", "spconv_triton" or None = auto)."""
 
     name = "spconv"
+    spatial_dims = (2,)
     needs = INSTALL_HINT
 
     def __init__(self, impl: str | None = None):

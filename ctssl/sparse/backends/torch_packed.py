@@ -93,22 +93,16 @@ class TorchBackend(Backend):
                 rows = x.patches()[(slice(None),) + (slice(None, None, s),) * n].reshape(-1, x.channels)
             y = F.linear(rows, weight.flatten(1), bias)
             return PackedTensor(y, x.index, out_stride, self)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values.new_zeros(0, weight.shape[0]), x.index, out_stride, self)
         y = _CONV[n](self._halo(x, padding), weight, bias, stride, 0, dilation, groups)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
 
     def _max_pool(self, x, kernel_size, stride, padding):
         out_stride = check_aligned(f"max_pool{x.ndim}d", x, kernel_size, stride, padding)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values, x.index, out_stride, self)
         y = _MAX_POOL[x.ndim](self._halo(x, padding, float("-inf")), kernel_size, stride, 0)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
 
     def _avg_pool(self, x, kernel_size, stride, padding, count_include_pad=True):
         out_stride = check_aligned(f"avg_pool{x.ndim}d", x, kernel_size, stride, padding)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values, x.index, out_stride, self)
         pool = _AVG_POOL[x.ndim]
         y = pool(self._halo(x, padding), kernel_size, stride, 0)
         if not count_include_pad and set(ntuple(padding, x.ndim)) != {0}:

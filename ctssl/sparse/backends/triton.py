@@ -48,6 +48,7 @@ NAME = "triton"
 
 class TritonBackend(TorchBackend):
     name = NAME
+    spatial_dims = (2,)
     needs = "a CUDA GPU and the triton package (or TRITON_INTERPRET=1 set before import, for CPU tests)"
 
     def __init__(self, deterministic: bool | None = None, fuse: bool = True):
