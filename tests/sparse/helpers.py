@@ -76,6 +76,20 @@ def run_model(model, images, active, backend, loss_weights=None):
     return [mp.detach() for mp in maps], x.grad.clone(), grads, buffers, loss_weights
 
 
+def assert_runs_match(ref, out, tol):
+    """Two ``run_model`` results agree: every map, the image gradient, every parameter gradient, every buffer."""
+    maps_d, xg_d, g_d, b_d, _ = ref
+    maps_t, xg_t, g_t, b_t, _ = out
+    for a, b in zip(maps_t, maps_d):
+        assert rel_err(a, b) < tol
+    assert rel_err(xg_t, xg_d) < tol
+    assert g_d.keys() == g_t.keys() and len(g_d) > 0
+    for name in g_d:
+        assert rel_err(g_t[name], g_d[name]) < tol, name
+    for name in b_d:  # BN running statistics after the step
+        assert rel_err(b_t[name].double(), b_d[name].double()) < tol, name
+
+
 def random_batchnorm(channels: int, **kwargs):
     """A sparse BatchNorm2d with non-trivial affine parameters and running statistics."""
     from ctssl.sparse.modules import BatchNorm2d
