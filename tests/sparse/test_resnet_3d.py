@@ -101,7 +101,8 @@ def test_registry_contract():
 def test_bad_input_and_options_give_clear_errors():
     model = resnet18_3d()
     volumes = torch.randn(1, 1, 32, 32, 32)
-    with pytest.raises(ValueError, match=r"this 3-D encoder takes volumes \(B, C, D, H, W\), got shape \(1, 1, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"this 3-D encoder takes volumes \(B, C, D, H, W\), got shape "
+                                         r"\(1, 1, 32, 32\)"):
         model.forward_masked(torch.randn(1, 1, 32, 32), torch.ones(1, 1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"this 2-D encoder takes images \(B, C, H, W\)"):
         resnet18().forward_masked(torch.randn(1, 3, 32, 32, 32), torch.ones(1, 1, 1, 1, dtype=torch.bool))
