@@ -55,10 +55,7 @@ class PatchTables:
 
 def patch_tables(index: PatchIndex) -> PatchTables:
     """Build the tables with ``ctssl.patch_tables`` once per batch (cached on the index)."""
-    cache = getattr(index, "_cuda_cache", None)
-    if cache is None:
-        cache = {}
-        index._cuda_cache = cache
+    cache = index.backend_cache("cuda")
     if "tables" not in cache:
         slot, ids, nbr = _ops().patch_tables(index.active.contiguous(), index.num_patches)
         cache["tables"] = PatchTables(slot, ids, nbr)

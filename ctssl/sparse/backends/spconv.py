@@ -4,7 +4,7 @@ The fallback where no custom kernel fits. Rows stay in ``TorchBackend``'s packed
 order (slot-major, row-major inside a patch), so BatchNorm, ReLU, add, densify and
 stochastic depth are inherited unchanged; only the spatial ops go through spconv,
 whose pixel-level ``SparseConvTensor`` is built on the same rows with (b, y, x)
-indices cached on the ``PatchIndex`` per stride (``index._spconv_cache``):
+indices cached on the ``PatchIndex`` per stride (``index.backend_cache("spconv")``):
 
 - stride-1 k x k conv: ``SubMConv2d`` (outputs at the input pixels, in their order);
 - strided conv and max pool: ``SparseConv2d`` / ``SparseMaxPool2d`` produce the
@@ -163,12 +163,8 @@ class SpconvBackend(TorchBackend):
         self._impl_for(torch.device(device))
 
     # --- per-batch tables, cached on the index --------------------------------
-    @staticmethod
-    def _cache(index: PatchIndex) -> dict:
-        cache = getattr(index, "_spconv_cache", None)
-        if cache is None:
-            cache = index._spconv_cache = {}
-        return cache
+    def _cache(self, index: PatchIndex) -> dict:
+        return index.backend_cache(self.name)
 
     def _pixels(self, index: PatchIndex, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, y, x) of every packed row at ``stride``: int32 ``(M, 3)`` contiguous, and flat keys."""

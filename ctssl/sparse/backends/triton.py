@@ -92,14 +92,11 @@ class TritonBackend(TorchBackend):
     # --- per-batch tables ----------------------------------------------------
     def _tables(self, index: PatchIndex) -> dict:
         """int32 neighbour, coordinate and slot tables, built once per batch and kept on the index."""
-        cache = index.__dict__.get("_triton_cache")
-        if cache is None:
-            cache = {
-                "nbr": index.neighbours.to(torch.int32).reshape(-1).contiguous(),
-                "coords": index.coords.to(torch.int32).contiguous(),
-                "slot": index.slot.to(torch.int32).contiguous(),
-            }
-            index._triton_cache = cache
+        cache = index.backend_cache(NAME)
+        if not cache:
+            cache.update(nbr=index.neighbours.to(torch.int32).reshape(-1).contiguous(),
+                         coords=index.coords.to(torch.int32).contiguous(),
+                         slot=index.slot.to(torch.int32).contiguous())
         return cache
 
     def _check(self, x: SparseTensor, op: str) -> torch.Tensor:
