@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The entries' accumulation dtype: float64 for float64 storage, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .sparse.precision import accumulation_dtype
 
 
 def _known_zero(n) -> bool:
@@ -85,7 +82,7 @@ def masked_conv2d_backward(grad_out, rows, neighbours, weight, patch_side, strid
 
 
 def bn_stats(rows):
-    acc = _acc_dtype(rows.dtype)
+    acc = accumulation_dtype(rows.dtype)
     return rows.new_empty((rows.shape[1],), dtype=acc), rows.new_empty((rows.shape[1],), dtype=acc)
 
 
