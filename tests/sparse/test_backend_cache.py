@@ -22,8 +22,8 @@ def _cpu_backends():
     for name in ("triton", "spconv"):
         reason = status[name]
         params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
-    from ctssl import _ext
-    reason = _ext.missing_reason()
+    from ctssl.cuda_ops import runtime
+    reason = runtime.missing_reason()
     params.append(pytest.param("cuda", marks=pytest.mark.skipif(reason is not None, reason=f"cuda: {reason}")))
     return params
 

@@ -1,233 +1,33 @@
-"""The ``cuda`` backend: the packed layout on ctssl's compiled operators (csrc/).
+"""The ``cuda`` backend: the packed layout on ctssl's compiled operators (``ctssl.cuda_ops``, csrc/).
 
-Each op is a ``torch.autograd.Function`` over ``torch.ops.ctssl.*`` (forward and backward
-both compiled, no host syncs, so steps can be captured in CUDA graphs):
-- tables: slot map and int32 neighbour table built once per batch, cached on the index;
-- layout: ``pack_patches`` / ``densify`` (gather kernels, each other's adjoint);
-- conv: halo gather kernel + cuDNN conv (k > 1), cuBLAS GEMM on the rows (1x1); the
-  backward recomputes the halo and folds its gradient back with a deterministic gather;
-- BatchNorm: Welford statistics, apply with fused ReLU/ReLU6 and residual, two-kernel
-  backward; SyncBatchNorm all-reduces (sum, sum of squares, count) once forward and
-  (sum dz, sum dz*xhat) once backward. ``batch_norm`` returns a pending tensor
-  (ctssl.sparse.pending): statistics final, apply deferred, so ``relu(bn(x) + identity)``
-  in a ResNet block runs as one apply kernel, forward and backward;
+A thin adapter, like ``triton`` over ``ctssl.kernels``: it checks devices, looks up the per-batch
+tables and calls the operators' autograd Functions:
+- layout: ``pack_patches`` / ``densify``;
+- conv: halo gather + cuDNN conv (k > 1), cuBLAS GEMM on the rows (1x1); non-square geometry
+  falls back to the ``torch`` backend's path;
+- BatchNorm: statistics now (``ctssl.sparse.norm_stats``), apply pending (``ctssl.sparse.pending``),
+  so ``relu(bn(x) + identity)`` in a ResNet block runs as one apply kernel, forward and backward;
 - max pool: masked taps read 0, taps beyond the image are skipped (-inf padding).
-Average pooling and per-image scaling are inherited from the ``torch`` backend.
-
-The Functions themselves are device-agnostic (the operators also have CPU loops, which
-the CPU tests compare with the ``dense`` backend); the backend runs on CUDA tensors only.
+Average pooling and per-image scaling are inherited from the ``torch`` backend. The backend runs on
+CUDA tensors only (the CPU tests run the same Functions on the operators' CPU loops).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ... import _ext
+from ...cuda_ops import runtime
+from ...cuda_ops.batchnorm import apply_row_batch_norm, batch_norm_stats
+from ...cuda_ops.conv import MaskedConv2d
+from ...cuda_ops.layout import Densify, PackPatches
+from ...cuda_ops.pool import MaskedMaxPool2d
+from ...cuda_ops.tables import PatchTables, patch_tables
 from ..index import PatchIndex
-from ..norm_stats import NormStats, batch_norm_statistics
 from ..pending import PendingBN, PendingBatchNorm
-from ..precision import accumulation_dtype, compute_dtype
+from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, pair
 from .torch_packed import TorchBackend
 
-ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "relu6": 2}
-
-
-def _ops():
-    return torch.ops.ctssl
-
-
-# --- per-batch tables ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PatchTables:
-    """The index in the operators' formats: slot (B,h,w) int32, patch_ids (N,) int64, neighbours (N,3,3) int32."""
-
-    slot: torch.Tensor
-    patch_ids: torch.Tensor
-    neighbours: torch.Tensor
-
-
-def patch_tables(index: PatchIndex) -> PatchTables:
-    """Build the tables with ``ctssl.patch_tables`` once per batch (cached on the index)."""
-    cache = index.backend_cache("cuda")
-    if "tables" not in cache:
-        slot, ids, nbr = _ops().patch_tables(index.active.contiguous(), index.num_patches)
-        cache["tables"] = PatchTables(slot, ids, nbr)
-    return cache["tables"]
-
-
-# --- layout ------------------------------------------------------------------------------------
-
-class PackPatches(torch.autograd.Function):
-    """Images (B, C, H, W) -> visible rows (N * p * p, C); backward writes rows back densely."""
-
-    @staticmethod
-    def forward(ctx, images, patch_ids, slot, grid_h, grid_w):
-        ctx.save_for_backward(slot)
-        ctx.p = images.shape[-2] // grid_h
-        return _ops().pack_patches(images, patch_ids, grid_h, grid_w)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (slot,) = ctx.saved_tensors
-        grad = _ops().densify(grad_rows.contiguous(), slot, ctx.p, None) if ctx.needs_input_grad[0] else None
-        return grad, None, None, None, None
-
-
-class Densify(torch.autograd.Function):
-    """Rows -> dense (B, C, H, W) (channels-last memory), masked positions 0 or ``token``."""
-
-    @staticmethod
-    def forward(ctx, rows, token, slot, patch_ids, patch_side, mask):
-        ctx.save_for_backward(patch_ids, mask)
-        ctx.grid = (slot.shape[1], slot.shape[2])
-        ctx.has_token = token is not None
-        return _ops().densify(rows, slot, patch_side, token)
-
-    @staticmethod
-    def backward(ctx, grad):
-        patch_ids, mask = ctx.saved_tensors
-        grad_rows = grad_token = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = _ops().pack_patches(grad, patch_ids, *ctx.grid)
-        if ctx.has_token and ctx.needs_input_grad[1]:
-            grad_token = grad.masked_fill(mask, 0).sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(grad.dtype)
-        return grad_rows, grad_token, None, None, None, None
-
-
-# --- conv --------------------------------------------------------------------------------------
-
-class MaskedConv2d(torch.autograd.Function):
-    """Masked conv on rows: halo gather + framework conv, or a GEMM for 1x1."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, neighbours, patch_side, stride, padding, dilation, groups):
-        ctx.save_for_backward(rows, weight, neighbours)
-        ctx.geometry = (patch_side, stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
-        return _ops().masked_conv2d(rows, neighbours, weight, bias, patch_side, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, weight, neighbours = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
-        if not any(mask):
-            return (None,) * 9
-        grad_rows, grad_weight, grad_bias = _ops().masked_conv2d_backward(
-            grad.contiguous(), rows, neighbours, weight, *ctx.geometry, mask)
-        return grad_rows, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-# --- batch norm --------------------------------------------------------------------------------
-
-def _moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Welford mean and biased variance of the rows (``ctssl.bn_stats``), in the accumulation dtype."""
-    return _ops().bn_stats(rows.contiguous())
-
-
-class RowBatchNormApply(torch.autograd.Function):
-    """``act(bn(rows) + residual)`` with given statistics, in one pass; the backward treats batch
-    statistics as functions of the rows (its two sums go through ``stats.reduce_grad_sums``, the one
-    all-reduce of a synchronized BatchNorm)."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, residual, stats: NormStats, activation):
-        y = _ops().bn_apply(rows, stats.mean, stats.invstd, weight, bias, residual, activation)
-        ctx.save_for_backward(rows, y if activation else None, weight)
-        ctx.stats, ctx.activation = stats, activation
-        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        ops = _ops()
-        rows, y, weight = ctx.saved_tensors
-        stats, act = ctx.stats, ctx.activation
-        need = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()
-        if stats.batch or need[1] or need[2]:
-            sum_dz, sum_dz_xhat = ops.bn_backward_reduce(grad_y, y, rows, stats.mean, stats.invstd, act)
-        else:
-            sum_dz = sum_dz_xhat = torch.zeros_like(stats.mean)
-        grad_weight = sum_dz_xhat.to(ctx.dtypes[0]) if need[1] and ctx.dtypes[0] is not None else None
-        grad_bias = sum_dz.to(ctx.dtypes[1]) if need[2] and ctx.dtypes[1] is not None else None
-        grad_rows = grad_res = None
-        if need[0] or need[3]:
-            (g_dz, g_dz_xhat), n = stats.reduce_grad_sums((sum_dz, sum_dz_xhat))
-            want_z = bool(need[3]) and act != 0
-            grad_rows, grad_z = ops.bn_backward_apply(grad_y, y, rows, stats.mean, stats.invstd, weight, g_dz,
-                                                      g_dz_xhat, max(n, 1.0), stats.batch, act, want_z)
-            if need[3]:
-                grad_res = grad_z if act != 0 else grad_y
-            if not need[0]:
-                grad_rows = None
-        return grad_rows, grad_weight, grad_bias, grad_res, None, None
-
-
-def _check_activation(activation) -> int:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(k for k in ACTIVATIONS if k)} or None, got {activation!r}")
-    return ACTIVATIONS[activation]
-
-
-def _residual_rows(residual, rows):
-    if residual is None:
-        return None
-    if residual.shape != rows.shape:
-        raise ValueError(f"residual must have the shape of the rows {tuple(rows.shape)}, got {tuple(residual.shape)}")
-    return residual.to(rows.dtype).contiguous()
-
-
-def apply_row_batch_norm(rows, weight, bias, stats: NormStats, activation=None, residual=None) -> torch.Tensor:
-    """The apply pass alone, for statistics from ``batch_norm_stats``."""
-    act = _check_activation(activation)
-    residual = _residual_rows(residual, rows)
-    if rows.shape[0] == 0 and not stats.synchronized:  # nothing to normalise, no collective to join
-        return rows if residual is None else rows + residual
-    return RowBatchNormApply.apply(rows.contiguous(), weight, bias, residual, stats, act)
-
-
-def batch_norm_stats(rows, running_mean, running_var, training, momentum, eps, process_group=None
-                     ) -> NormStats | None:
-    """The statistics of ``ctssl.sparse.norm_stats.batch_norm_statistics``, the moments from ``ctssl.bn_stats``."""
-    return batch_norm_statistics(rows, running_mean, running_var, training, momentum, eps, process_group, _moments)
-
-
-def row_batch_norm(rows, weight, bias, running_mean, running_var, training, momentum, eps, process_group=None,
-                   activation=None, residual=None) -> torch.Tensor:
-    """``batch_norm_rows`` on the compiled operators, with fused ``activation`` and ``residual``."""
-    _check_activation(activation)
-    stats = batch_norm_stats(rows, running_mean, running_var, training, momentum, eps, process_group)
-    if stats is None:
-        residual = _residual_rows(residual, rows)
-        return rows if residual is None else rows + residual
-    return apply_row_batch_norm(rows, weight, bias, stats, activation, residual)
-
-
-# --- max pool ----------------------------------------------------------------------------------
-
-class MaskedMaxPool2d(torch.autograd.Function):
-    """Max pool on rows; the winning tap per element (int8) is kept for the backward."""
-
-    @staticmethod
-    def forward(ctx, rows, neighbours, patch_side, kernel_size, stride, padding):
-        out, argmax = _ops().max_pool2d(rows, neighbours, patch_side, kernel_size, stride, padding)
-        ctx.save_for_backward(argmax, neighbours)
-        ctx.geometry = (patch_side, kernel_size, stride, padding)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        argmax, neighbours = ctx.saved_tensors
-        grad_rows = _ops().max_pool2d_backward(grad.contiguous(), argmax, neighbours, *ctx.geometry)
-        return grad_rows, None, None, None, None, None
-
-
-# --- the backend -------------------------------------------------------------------------------
 
 class CudaBackend(TorchBackend):
     """Packed layout on ctssl's CUDA kernels; needs the compiled extension and a GPU."""
@@ -238,7 +38,7 @@ class CudaBackend(TorchBackend):
              "with nvcc and a CUDA build of torch")
 
     def unavailable_reason(self) -> str | None:
-        reason = _ext.missing_reason()
+        reason = runtime.missing_reason()
         if reason:
             return reason
         if not torch.cuda.is_available():
@@ -312,6 +112,4 @@ class CudaBackend(TorchBackend):
         return PackedTensor(y, x.index, out_stride, self)
 
 
-__all__ = ["CudaBackend", "PatchTables", "patch_tables", "batch_norm_stats",
-           "apply_row_batch_norm", "row_batch_norm", "PackPatches", "Densify", "MaskedConv2d", "RowBatchNormApply",
-           "MaskedMaxPool2d", "ACTIVATIONS"]
+__all__ = ["CudaBackend"]
