@@ -50,7 +50,7 @@ def load():
     if "module" not in _state:
         module, reason = None, None
         try:
-            module = importlib.import_module("ctssl._C")
+            module = _import_extension()
         except (ImportError, OSError) as exc:
             reason = _diagnose(exc)
         else:
@@ -62,6 +62,22 @@ def load():
                 _register_fakes()
         _state["module"], _state["reason"] = module, reason
     return _state["module"]
+
+
+def _import_extension():
+    """``ctssl._C``; a checkout's ctssl without its own build uses an installed ctssl's (same version)."""
+    try:
+        return importlib.import_module("ctssl._C")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ctssl._C", "_C"):
+            raise
+        import ctssl
+        from ctssl import _source_tree
+
+        path = _source_tree.installed_extension(ctssl.__version__)
+        if path is None:
+            raise
+        return _source_tree.load_extension(path)
 
 
 def missing_reason() -> str | None:

@@ -70,6 +70,10 @@ class TritonBackend(TorchBackend):
     # --- availability --------------------------------------------------------
     def unavailable_reason(self) -> str | None:
         if _IMPORT_ERROR is not None:
+            if (getattr(_IMPORT_ERROR, "name", None) or "").startswith("ctssl.kernels"):
+                import ctssl
+                return (f"this ctssl ({os.path.dirname(ctssl.__file__)}) has no ctssl.kernels: install ctssl "
+                        "(`pip install .`) or run from a checkout that has kernels/ beside ctssl/")
             return f"triton could not be imported ({_IMPORT_ERROR}); install it with `pip install triton`"
         if _rt.INTERPRET or torch.cuda.is_available():
             return None
