@@ -46,12 +46,42 @@ def demo(argv=None) -> int:
 
 
 def backends(argv=None) -> int:
-    """ctssl-backends: list every backend and why it is or is not usable here."""
-    from ctssl.sparse import backend_status
+    """ctssl-backends: every backend, whether it is usable here and what it can do, and what ``auto`` picks."""
+    import argparse
 
+    parser = argparse.ArgumentParser(
+        prog="ctssl-backends",
+        description="List ctssl's sparse-engine backends: usable here or why not (and what to install), what a "
+                    "usable one cannot do on this machine (e.g. train), and which backend `--backend auto` "
+                    "picks on the CPU and, when one is visible, on the GPU.")
+    parser.parse_args(argv)
+
+    import torch
+
+    from ctssl.sparse import backend_status, get_backend
+    from ctssl.sparse.backends import auto_backend
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name, reason in backend_status().items():
-        print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is not None:
+            print(f"{name:10s} unavailable: {reason}")
+            continue
+        limits = [f"cannot train on {d.type}: {why}" for d in devices
+                  if (why := get_backend(name).training_unsupported_reason(d))]
+        print(f"{name:10s} available" + "".join(f"; {limit}" for limit in limits))
+    picks = [f"{_device_label(d)} -> {auto_backend(d).name}" for d in devices]
+    if len(devices) == 1:
+        picks.append("cuda -> (no GPU visible)")
+    print("auto picks: " + "; ".join(picks))
     return 0
+
+
+def _device_label(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,12 +72,34 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None) -> Backend:
+def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None, *,
+                training: bool = False) -> Backend:
     """The backend called ``name`` (``auto`` picks the fastest usable one for ``device``).
 
     Fails here, not deep inside a forward, when the name is unknown or the backend
-    cannot run: the message lists what is usable and what the missing one needs.
+    cannot run (with ``training``: cannot run the backward) on ``device``: the message
+    lists what is usable and what the missing one needs.
     """
+    backend = _select(name, device)
+    if training and device is not None:
+        reason = backend.training_unsupported_reason(torch.device(device))
+        if reason:
+            raise BackendUnavailableError(f"backend {backend.name!r} cannot train on {torch.device(device)}: {reason}")
+    return backend
+
+
+def auto_backend(device: torch.device | str | None = None) -> Backend:
+    """What ``auto`` picks for ``device``: the first usable backend of ``AUTO_ORDER_GPU`` on a CUDA
+    device, of ``AUTO_ORDER_CPU`` elsewhere (``torch`` when none is)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    for candidate in AUTO_ORDER_GPU if on_gpu else AUTO_ORDER_CPU:
+        backend, _ = _load(candidate)
+        if backend is not None:
+            return backend
+    return _select("torch", None)
+
+
+def _select(name: str | Backend, device) -> Backend:
     if isinstance(name, Backend):
         if device is not None:
             name.check_device(torch.device(device))
@@ -85,12 +107,7 @@ def get_backend(name: str | Backend = "dense", device: torch.device | str | None
     if not isinstance(name, str):
         raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
     if name == "auto":
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        for candidate in AUTO_ORDER_GPU if on_gpu else AUTO_ORDER_CPU:
-            backend, _ = _load(candidate)
-            if backend is not None:
-                return backend
-        name = "torch"
+        return auto_backend(device)
     if name not in _REGISTRY:
         raise BackendUnavailableError(
             f"unknown backend {name!r}; choose one of {', '.join(['auto', *_REGISTRY])} "
@@ -109,6 +126,6 @@ def get_backend(name: str | Backend = "dense", device: torch.device | str | None
 
 
 __all__ = [
-    "Backend", "BackendUnavailableError", "available_backends", "backend_status", "get_backend",
+    "Backend", "BackendUnavailableError", "auto_backend", "available_backends", "backend_status", "get_backend",
     "register_backend", "AUTO_ORDER_GPU", "AUTO_ORDER_CPU",
 ]

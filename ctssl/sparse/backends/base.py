@@ -61,6 +61,10 @@ class Backend:
     def check_device(self, device: torch.device) -> None:
         """Raise a clear error if this backend cannot run on ``device``."""
 
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        """None when this backend can train on ``device`` (run the backward), else why not and what to use."""
+        return None
+
     # --- layout conversion -------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
         raise NotImplementedError

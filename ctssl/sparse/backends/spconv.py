@@ -162,6 +162,12 @@ class SpconvBackend(TorchBackend):
     def check_device(self, device: torch.device) -> None:
         self._impl_for(torch.device(device))
 
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        if torch.device(device).type == "cpu":
+            return ("spconv's CPU build runs forward only (no backward): train with backend 'torch' on the CPU, "
+                    "or with spconv on a CUDA GPU (spconv-cu12x or spconv-triton)")
+        return None
+
     # --- per-batch tables, cached on the index --------------------------------
     def _cache(self, index: PatchIndex) -> dict:
         return index.backend_cache(self.name)
