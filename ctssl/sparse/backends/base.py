@@ -53,6 +53,9 @@ class Backend:
 
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
+    self_check_before_auto: bool = False
+    """Custom kernels: ``auto`` selects this backend on a device only after it passed its self-check there
+    (``ctssl.sparse.self_check``)."""
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not and what to install."""

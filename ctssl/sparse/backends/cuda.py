@@ -34,6 +34,7 @@ class CudaBackend(TorchBackend):
 
     name = "cuda"
     pending_activations = frozenset({"relu", "relu6"})
+    self_check_before_auto = True
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "
              "with nvcc and a CUDA build of torch")
 

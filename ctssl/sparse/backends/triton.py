@@ -51,6 +51,7 @@ class TritonBackend(TorchBackend):
     needs = "a CUDA GPU and the triton package (or TRITON_INTERPRET=1 set before import, for CPU tests)"
     pending_activations = frozenset({"relu"})
     pending_pairs = True
+    self_check_before_auto = True
 
     def __init__(self, deterministic: bool | None = None, fuse: bool = True):
         """``deterministic``: None follows CTSSL_DETERMINISTIC=1 / torch's deterministic flag.
