@@ -4,7 +4,7 @@ The fallback where no custom kernel fits. Rows stay in ``TorchBackend``'s packed
 order (slot-major, row-major inside a patch), so BatchNorm, ReLU, add, densify and
 stochastic depth are inherited unchanged; only the spatial ops go through spconv,
 whose pixel-level ``SparseConvTensor`` is built on the same rows with (b, y, x)
-indices cached on the ``PatchIndex`` per stride (``index._spconv_cache``):
+indices cached on the ``PatchIndex`` per stride (``index.backend_cache("spconv")``):
 
 - stride-1 k x k conv: ``SubMConv2d`` (outputs at the input pixels, in their order);
 - strided conv and max pool: ``SparseConv2d`` / ``SparseMaxPool2d`` produce the
@@ -162,13 +162,15 @@ class SpconvBackend(TorchBackend):
     def check_device(self, device: torch.device) -> None:
         self._impl_for(torch.device(device))
 
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        if torch.device(device).type == "cpu":
+            return ("spconv's CPU build runs forward only (no backward): train with backend 'torch' on the CPU, "
+                    "or with spconv on a CUDA GPU (spconv-cu12x or spconv-triton)")
+        return None
+
     # --- per-batch tables, cached on the index --------------------------------
-    @staticmethod
-    def _cache(index: PatchIndex) -> dict:
-        cache = getattr(index, "_spconv_cache", None)
-        if cache is None:
-            cache = index._spconv_cache = {}
-        return cache
+    def _cache(self, index: PatchIndex) -> dict:
+        return index.backend_cache(self.name)
 
     def _pixels(self, index: PatchIndex, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, y, x) of every packed row at ``stride``: int32 ``(M, 3)`` contiguous, and flat keys."""
