@@ -63,8 +63,6 @@ class PatchIndex:
     ``active`` is a boolean patch mask ``(B, h, w)`` (images) or ``(B, d, h, w)`` (volumes).
     """
 
-    _backend_caches: dict[str, dict]
-    """Per-backend caches, by backend name (see ``backend_cache``)."""
 
     def __init__(self, active: torch.Tensor, patch_size: int = PATCH_SIZE):
         if active.dtype != torch.bool or active.dim() not in (3, 4):
@@ -93,6 +91,7 @@ class PatchIndex:
         self._halo_plans: dict[tuple[int, int], HaloPlan] = {}
         self._dense_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._row_samples: dict[int, torch.Tensor] = {}
+        self._backend_caches: dict[str, dict] = {}
 
     # --- neighbours ----------------------------------------------------------
     @property
@@ -204,8 +203,4 @@ class PatchIndex:
 
         The one place a backend stores state on the index: backends never set attributes of their own.
         """
-        try:
-            caches = self._backend_caches
-        except AttributeError:  # created on first use, so the index's constructor stays the index's
-            caches = self._backend_caches = {}
-        return caches.setdefault(backend, {})
+        return self._backend_caches.setdefault(backend, {})
