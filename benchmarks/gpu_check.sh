@@ -101,8 +101,9 @@ if ! "$PY" -c "import ctssl" 2>/dev/null; then
   echo "=== ctssl is not importable after the build: falling back to PYTHONPATH=$PWD (kernels/ and the CUDA extension may be missing)"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-stage backends 60 "$PY -c 'from ctssl.sparse import backend_status
-for k, v in backend_status().items(): print(f\"{k:10s}\", \"available\" if v is None else \"unavailable: \" + v)'"
+# ctssl-backends --check: every usable backend's self-check (masked conv, BN, pool, fwd+bwd vs dense) on
+# the CPU and the GPU, pass/fail and time, and what auto picks (compiles the kernels the tests reuse)
+stage backends 90 "$PY -c 'import sys; from ctssl.cli import backends; sys.exit(backends([\"--check\"]))'"
 
 # --- correctness -------------------------------------------------------------
 # the GPU-marked tests everywhere, then the Triton kernel tests (unmarked: on a CPU they run in the

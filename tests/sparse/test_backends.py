@@ -46,6 +46,25 @@ def test_cli_lists_backends(capsys):
     assert "dense      available" in out and "torch      available" in out
 
 
+def test_cli_help_says_what_it_lists(capsys):
+    from ctssl.cli import backends
+    with pytest.raises(SystemExit) as done:
+        backends(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ctssl-backends") and "auto" in out
+
+
+def test_cli_says_what_auto_picks(capsys, monkeypatch):
+    from ctssl.cli import backends
+    from ctssl.sparse.backends import auto_backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends([]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"auto picks: cpu -> {auto_backend('cpu').name}; cuda -> (no GPU visible)"
+    assert auto_backend("cpu").name == "torch"
+
+
 @pytest.mark.parametrize("module,cls", [("ctssl.sparse.backends.cuda", "CudaBackend"),
                                         ("ctssl.sparse.backends.minkowski", "MinkowskiBackend")])
 def test_2d_only_backends_refuse_volumes_with_the_reason(module, cls):

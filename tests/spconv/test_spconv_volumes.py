@@ -70,6 +70,6 @@ def test_max_pool3d_matches_dense(mask):
 def test_volume_indices_are_contiguous_int32_with_depth():
     _, xs = _pair(MASKS["random"], 2, 3)
     get_backend("spconv").conv3d(xs, torch.randn(4, 3, 3, 3, 3, dtype=torch.float64), None, 1, 1, 1, 1)
-    indices = xs.index._spconv_cache[("pixels", 2)][0]
+    indices = xs.index.backend_cache("spconv")[("pixels", 2)][0]
     assert indices.dtype == torch.int32 and indices.is_contiguous() and indices.shape[1] == 4
     assert indices[:, 1].max() < GRID[0] * PATCH // 2 and indices[:, 2].max() >= GRID[0] * PATCH // 2

@@ -2,7 +2,9 @@
 
 Every backend implements the semantics of design.md section 2 (the ``dense``
 backend *is* that definition). Elementwise operations are shared here because
-they map 0 to 0 in any layout.
+they map 0 to 0 in any layout; so is the pending-BatchNorm protocol
+(``ctssl.sparse.pending``), through which a backend fuses BatchNorm with the
+activation and residual add that follow it.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..index import PatchIndex
+from ..pending import PendingBN, fuse_activation, fuse_add
 from ..tensor import SparseTensor
 
 
@@ -66,6 +69,9 @@ class Backend:
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
     spatial_dims: tuple[int, ...] = (2,)
+    self_check_before_auto: bool = False
+    """Custom kernels: ``auto`` selects this backend on a device only after it passed its self-check there
+    (``ctssl.sparse.self_check``)."""
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not and what to install."""
@@ -81,6 +87,10 @@ class Backend:
             raise ValueError(f"backend {self.name!r} does not implement sparse ops on {what} "
                              f"(it supports {', '.join(f'{d}-D' for d in self.spatial_dims)}); "
                              f"use backend 'torch' or 'dense'")
+
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        """None when this backend can train on ``device`` (run the backward), else why not and what to use."""
+        return None
 
     # --- layout conversion -------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -103,6 +113,8 @@ class Backend:
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None) -> SparseTensor:
+        """BatchNorm over the visible positions (design.md section 2). A backend with a fused apply pass
+        may return a ``ctssl.sparse.pending.PendingBatchNorm``: statistics final, apply deferred."""
         raise NotImplementedError
 
     def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
@@ -123,22 +135,35 @@ class Backend:
         """Multiply each image's features by ``scale[b]`` (stochastic depth)."""
         raise NotImplementedError
 
+    # --- pending BatchNorm (ctssl.sparse.pending) ---------------------------
+    pending_activations: frozenset[str] = frozenset()
+    """Activations ``apply_pending`` folds into a pending BatchNorm's apply pass ("relu", "relu6")."""
+    pending_pairs: bool = False
+    """Whether ``apply_pending`` takes ``bn1(x1) + bn2(x2)`` (else a second BatchNorm is read as a residual)."""
+
+    def apply_pending(self, pending: PendingBN, activation: str | None) -> torch.Tensor:
+        """The rows of ``activation(bn1(x1) [+ bn2(x2)] [+ res])`` for a ``PendingBN`` this backend's
+        ``batch_norm`` deferred; ``activation`` is None or one of ``pending_activations``. Differentiable
+        like the ops it replaces. Needed only by backends that return ``PendingBatchNorm``."""
+        raise NotImplementedError(f"backend {self.name!r} returns no pending BatchNorm")
+
     # --- elementwise: 0 maps to 0, so every layout shares these ---------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return x.map(lambda v: F.relu(v, inplace=inplace))
+        return fuse_activation(x, "relu") or x.map(lambda v: F.relu(v, inplace=inplace))
 
     def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return x.map(lambda v: F.relu6(v, inplace=inplace))
+        return fuse_activation(x, "relu6") or x.map(lambda v: F.relu6(v, inplace=inplace))
 
     def leaky_relu(self, x: SparseTensor, negative_slope: float = 0.01, inplace: bool = False) -> SparseTensor:
         return x.map(lambda v: F.leaky_relu(v, negative_slope, inplace))
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
+        """``a + b``; a pending BatchNorm on either side stays pending with the other folded in."""
         if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:
             raise ValueError("can only add sparse tensors of the same batch index and stride")
         if a.backend is not b.backend and a.backend.name != b.backend.name:
             raise ValueError(f"cannot add tensors of backends {a.backend.name} and {b.backend.name}")
-        return a.with_values(a.values + b.values)
+        return fuse_add(a, b) or a.with_values(a.values + b.values)
 
     def __repr__(self) -> str:
         return f"<ctssl backend {self.name!r}>"

@@ -78,11 +78,11 @@ class MinkowskiBackend(TorchBackend):
 
     # --- per-batch coordinate maps, cached on the index -------------------------
     def _maps(self, index: PatchIndex, device: torch.device) -> dict:
-        cache = getattr(index, "_minkowski_cache", None)
-        if cache is None:
+        cache = index.backend_cache(self.name)
+        if "manager" not in cache:
             me = self._engine()
             kind = me.CoordinateMapType.GPU if device.type == "cuda" else me.CoordinateMapType.CPU
-            cache = index._minkowski_cache = {"manager": me.CoordinateManager(D=2, coordinate_map_type=kind)}
+            cache["manager"] = me.CoordinateManager(D=2, coordinate_map_type=kind)
         return cache
 
     def _map(self, index: PatchIndex, stride: int, device: torch.device):

@@ -5,7 +5,7 @@ order (slot-major, row-major inside a patch), so BatchNorm, ReLU, add, densify a
 stochastic depth are inherited unchanged; only the spatial ops go through spconv,
 whose pixel-level ``SparseConvTensor`` is built on the same rows with (b, y, x)
 indices ((b, z, y, x) for volumes) cached on the ``PatchIndex`` per stride
-(``index._spconv_cache``). Images use spconv's 2-D modules, volumes its 3-D ones:
+(``index.backend_cache("spconv")``). Images use spconv's 2-D modules, volumes its 3-D ones:
 
 - stride-1 k x k conv: ``SubMConv2d`` / ``SubMConv3d`` (outputs at the input pixels, in their order);
 - strided conv and max pool: ``SparseConvNd`` / ``SparseMaxPoolNd`` produce the
@@ -166,13 +166,15 @@ class SpconvBackend(TorchBackend):
     def check_device(self, device: torch.device) -> None:
         self._impl_for(torch.device(device))
 
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        if torch.device(device).type == "cpu":
+            return ("spconv's CPU build runs forward only (no backward): train with backend 'torch' on the CPU, "
+                    "or with spconv on a CUDA GPU (spconv-cu12x or spconv-triton)")
+        return None
+
     # --- per-batch tables, cached on the index --------------------------------
-    @staticmethod
-    def _cache(index: PatchIndex) -> dict:
-        cache = getattr(index, "_spconv_cache", None)
-        if cache is None:
-            cache = index._spconv_cache = {}
-        return cache
+    def _cache(self, index: PatchIndex) -> dict:
+        return index.backend_cache(self.name)
 
     def _pixels(self, index: PatchIndex, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, [z,] y, x) of every packed row at ``stride``: int32 ``(M, 1 + ndim)`` contiguous, and flat keys."""

@@ -18,7 +18,9 @@ from bench_timing import saved_activation_bytes
 from bench_workload import random_mask, random_tensor, sparse_map
 from ctssl.sparse import PatchIndex, get_backend
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from .conftest import BENCHMARKS
+
+HERE = str(BENCHMARKS)
 
 
 @pytest.mark.parametrize("stride", [1, 4, 32])
@@ -121,3 +123,22 @@ def test_gpu_check_scripts_parse():
     for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "volume_cpu.sh"),
                    os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
         assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0, script
+
+
+def test_a_registered_backend_is_benchmarked_without_an_edit(monkeypatch):
+    """A backend registered before the suites are built (a fresh process) gets its cases at every mask
+    ratio and runs in them."""
+    import bench_config
+    from bench_config import backend_mask_params, require_backend
+    from ctssl.sparse import backends
+
+    backends.register_backend("torch-copy", "ctssl.sparse.backends.torch_packed", "TorchBackend")
+    monkeypatch.setattr(bench_config, "_STATUS", None)  # the registry as a new process reads it
+    try:
+        ids = [p.id for p in backend_mask_params((0.25, 0.5))]
+        assert ids[:3] == [NOMASK, "dense-m0.25", "dense-m0.5"]
+        assert {"torch-copy-m0.25", "torch-copy-m0.5"} <= set(ids)
+        assert require_backend("torch-copy") is get_backend("torch-copy")
+    finally:
+        backends._REGISTRY.pop("torch-copy")
+        backends._instances.pop("torch-copy", None)
