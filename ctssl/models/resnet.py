@@ -18,8 +18,8 @@ from torch import nn
 
 from ..sparse import sparse_input
 from ..sparse.backends import Backend
-from ..sparse.modules import (BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, DropPath, MaxPool2d, MaxPool3d,
-                              ReLU)
+from ..sparse.modules import (BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, DropPath, InstanceNorm3d, MaxPool2d,
+                              MaxPool3d, ReLU)
 from .registry import create_encoder, register_encoder
 
 
@@ -43,12 +43,17 @@ def parts(ndim: int = 2, norm: str = "batch") -> Parts:
         raise ValueError(f"ResNet: spatial_dims must be 2 (images) or 3 (volumes), got {ndim}")
     if norm not in NORMS:
         raise ValueError(f"ResNet: norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    if norm == "instance":
-        raise NotImplementedError("ResNet: norm='instance' needs a sparse InstanceNorm3d, which this version of "
-                                  "ctssl does not have yet; use norm='batch'")
     if ndim == 2:
+        if norm != "batch":
+            raise ValueError(f"ResNet: norm={norm!r} is for the 3-D ResNets; 2-D ResNets use norm='batch'")
         return Parts(2, Conv2d, BatchNorm2d, MaxPool2d, nn.AdaptiveAvgPool2d)
-    return Parts(3, Conv3d, BatchNorm3d, MaxPool3d, nn.AdaptiveAvgPool3d)
+    return Parts(3, Conv3d, BatchNorm3d if norm == "batch" else _affine_instance_norm, MaxPool3d,
+                 nn.AdaptiveAvgPool3d)
+
+
+def _affine_instance_norm(channels: int) -> nn.Module:
+    """nnU-Net's InstanceNorm: a learned scale and shift per channel, no running statistics."""
+    return InstanceNorm3d(channels, affine=True)
 
 
 PARTS_2D = parts(2)

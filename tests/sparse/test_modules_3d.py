@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from ctssl.sparse import PatchIndex
-from ctssl.sparse.modules import (AvgPool2d, AvgPool3d, BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, LeakyReLU,
-                                  MaxPool2d, MaxPool3d, ReLU, SyncBatchNorm, convert_sync_batchnorm)
+from ctssl.sparse import PatchIndex, get_backend
+from ctssl.sparse.modules import (AvgPool2d, AvgPool3d, BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, InstanceNorm3d,
+                                  LeakyReLU, MaxPool2d, MaxPool3d, ReLU, SyncBatchNorm, convert_sync_batchnorm)
 
 from .helpers import rel_err, sparse_at
 
@@ -83,6 +83,76 @@ def test_batchnorm3d_matches_dense(train, momentum, rng):
             bn.running_var.uniform_(0.5, 2)
         return bn
     compare(make, 3, 2, rng, train=train)
+
+
+def random_instance_norm(c, affine=True):
+    norm = InstanceNorm3d(c, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("stride", [2, 8])  # 8: one row per visible patch
+def test_instance_norm3d_matches_dense(affine, stride, rng):
+    compare(lambda: random_instance_norm(3, affine), 3, stride, rng)
+    compare(lambda: random_instance_norm(3, affine), 3, stride, rng, train=False)  # no running statistics: same
+
+
+def test_instance_norm3d_is_each_samples_own_normalisation(rng):
+    """Against the textbook formula on each sample's gathered visible voxels, channel by channel, forward and
+    backward (independent of the engine's row code)."""
+    images = torch.randn(3, 2, 16, 16, 24, generator=rng, dtype=F64) * 3 + 1
+    active = volume_masks(3, GRID, rng)[0]
+    mask = PatchIndex(active, PATCH).dense_mask(1).squeeze(1)
+    norm = random_instance_norm(2).double()
+    weights = torch.randn(images.shape, generator=rng, dtype=F64)
+
+    def textbook(x, w, b):
+        planes = []
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                v = x[i, c][mask[i]]
+                plane = torch.zeros_like(x[i, c])
+                if v.numel():
+                    z = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + norm.eps) * w[c] + b[c]
+                    plane = plane.masked_scatter(mask[i], z)
+                planes.append(plane)
+        return torch.stack(planes).view(x.shape)
+
+    def engine(x, w, b):
+        return get_backend("torch").instance_norm(sparse_at(x, active, "torch", 1, PATCH), w, b, norm.eps).to_dense()
+
+    out = {}
+    for name, fn in (("engine", engine), ("textbook", textbook)):
+        x = images.clone().requires_grad_(True)
+        w, b = (p.detach().clone().requires_grad_(True) for p in (norm.weight, norm.bias))
+        y = fn(x, w, b)
+        (y * weights).sum().backward()
+        out[name] = (y.detach(), x.grad, w.grad, b.grad)
+    for a, r in zip(out["engine"], out["textbook"]):
+        assert rel_err(a, r) < 1e-12
+
+
+def test_instance_norm3d_with_everything_visible_is_torchs(rng):
+    images = torch.randn(2, 3, 16, 16, 16, generator=rng, dtype=F64)
+    norm = random_instance_norm(3).double()
+    ours = norm(sparse_at(images, torch.ones(2, 2, 2, 2, dtype=torch.bool), "torch", 1, PATCH)).to_dense()
+    assert rel_err(ours, norm(images)) < 1e-12  # on a dense tensor the module is nn.InstanceNorm3d
+
+
+def test_instance_norm3d_refusals():
+    x = sparse_at(torch.randn(1, 3, 16, 16, 16), torch.ones(1, 2, 2, 2, dtype=torch.bool), "torch", 1, PATCH)
+    with pytest.raises(ValueError, match="track_running_stats=True is not supported on sparse maps"):
+        InstanceNorm3d(3, track_running_stats=True)(x)
+    with pytest.raises(ValueError, match="InstanceNorm3d: expected 4 channels, got 3"):
+        InstanceNorm3d(4)(x)
+    image = sparse_at(torch.randn(1, 3, 16, 16), torch.ones(1, 2, 2, dtype=torch.bool), "torch", 1, PATCH)
+    with pytest.raises(ValueError, match="InstanceNorm3d takes sparse maps of 3-D volumes, got one of 2-D images"):
+        InstanceNorm3d(3)(image)
+    assert list(InstanceNorm3d(3, affine=True).state_dict()) == list(nn.InstanceNorm3d(3, affine=True).state_dict())
 
 
 @pytest.mark.parametrize("stride", [1, 4])

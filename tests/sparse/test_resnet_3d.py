@@ -112,3 +112,25 @@ def test_bad_input_and_options_give_clear_errors():
         model.forward_masked(torch.randn(1, 3, 32, 32, 32), torch.ones(1, 1, 1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="norm must be one of batch, instance, got 'group'"):
         resnet18_3d(norm="group")
+    with pytest.raises(ValueError, match="norm='instance' is for the 3-D ResNets"):
+        resnet18(norm="instance")
+
+
+def test_instance_norm_encoder_torch_equals_dense_float64():
+    """nnU-Net's norm: per-sample statistics over each volume's visible voxels, learned scale and shift."""
+    from ctssl.sparse.modules import InstanceNorm3d
+
+    torch.manual_seed(0)
+    model = resnet18_3d(norm="instance").double().train()
+    assert isinstance(model.bn1, InstanceNorm3d) and isinstance(model.layer2[0].downsample[1], InstanceNorm3d)
+    keys = set(model.state_dict())
+    assert not any("running" in k or "num_batches" in k for k in keys)
+    assert keys == {k for k in resnet18_3d().state_dict() if k.endswith(("weight", "bias"))}
+    images, active, _ = _volumes(2, (64, 32, 32), 6)
+    active[0] = False
+    active[1].view(-1)[:3] = True
+    ref = run_model(model, images, active, "dense")
+    assert_runs_match(ref, run_model(model, images, active, "torch", loss_weights=ref[4]), 1e-9)
+    dense = model.eval().forward_features(images)  # dense volumes: torch's InstanceNorm3d
+    assert [tuple(m.shape) for m in dense] == [(2, 64, 16, 8, 8), (2, 128, 8, 4, 4), (2, 256, 4, 2, 2),
+                                              (2, 512, 2, 1, 1)]

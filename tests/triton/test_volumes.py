@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ctssl.sparse import PatchIndex, get_backend
-from ctssl.sparse.modules import BatchNorm3d, Conv3d, MaxPool3d, ReLU
+from ctssl.sparse.modules import BatchNorm3d, Conv3d, InstanceNorm3d, MaxPool3d, ReLU
 
 from ..sparse.helpers import random_batchnorm
 from .util import F64, compare_module, needs_triton, rel_err, sparse_at
@@ -71,6 +71,18 @@ def test_conv_bn_add_relu_block_matches_dense(train, rng):
         bn3.load_state_dict(getattr(block, name).state_dict())
         setattr(block, name, bn3)
     compare(lambda: block, 5, 2, rng, train=train)
+
+
+def test_conv_instance_norm_matches_dense(rng):
+    """InstanceNorm3d on the triton backend (the torch path's row ops) after a Triton conv, forward and backward."""
+    def make():
+        norm = InstanceNorm3d(5, affine=True)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        return nn.Sequential(Conv3d(3, 5, 3, 1, 1, bias=False), norm, ReLU())
+
+    compare(make, 3, 2, rng)
 
 
 def test_pack_to_dense_and_densify_round_trip_volumes(rng):

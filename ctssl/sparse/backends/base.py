@@ -117,6 +117,11 @@ class Backend:
         may return a ``ctssl.sparse.pending.PendingBatchNorm``: statistics final, apply deferred."""
         raise NotImplementedError
 
+    def instance_norm(self, x, weight, bias, eps) -> SparseTensor:
+        """InstanceNorm over the visible positions: statistics per (sample, channel) over that sample's visible
+        positions, output 0 where masked; no running statistics."""
+        raise NotImplementedError(f"backend {self.name!r} has no instance_norm")
+
     def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
         raise NotImplementedError
 

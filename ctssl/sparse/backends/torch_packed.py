@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..batchnorm_rows import batch_norm_rows
 from ..halo import HaloConv, halo_gather
+from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
 from .base import Backend, check_aligned, ntuple
@@ -163,6 +164,10 @@ class TorchBackend(Backend):
                    process_group=None):
         rows = batch_norm_rows(x.values, weight, bias, running_mean, running_var, training, momentum, eps,
                                process_group)
+        return x.with_values(rows)
+
+    def instance_norm(self, x, weight, bias, eps):
+        rows = instance_norm_rows(x.values, weight, bias, x.index.row_samples(x.stride), x.index.batch_size, eps)
         return x.with_values(rows)
 
     def scale_samples(self, x, scale):

@@ -150,7 +150,7 @@ class TritonBackend(TorchBackend):
             raise NotImplementedError(f"backend {NAME!r}: {op} with groups={groups} is not implemented "
                                       "(backend 'torch' supports it)")
         v = self._check(x, op)
-        dtype = compute_dtype(v, weight, NAME)
+        dtype = compute_dtype(v, weight, NAME, op)
         if v.dtype != dtype:
             v = v.to(dtype)
         geom = ConvGeometry(x.patch_side, tuple(weight.shape[2:]), ntuple(stride, n)[0], ntuple(padding, n),
