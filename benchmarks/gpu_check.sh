@@ -14,6 +14,8 @@
 #              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
 #              plain dense (no mask), CUDA events, peak memory, the top kernels of each backend at
 #              mask 0.6 (torch.profiler); then a SparK step per backend
+#   timing3d   the same for volumes: ResNet-18-3D fwd+bwd, batch 8, 128^3 crops, mask ratio 0.6, bf16
+#              autocast, channels-last-3d, every backend that takes volumes (the others are listed as skipped)
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
 # Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
@@ -122,6 +124,15 @@ TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))
 TIMING_DEADLINE=$(( TIMING_DEADLINE > 60 ? TIMING_DEADLINE - 45 : 15 ))
 stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --spark --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
 
+# --- volumes (issue 17): the 3-D encoder on every backend that takes volumes -------------
+if [[ "$SMOKE" == 1 ]]; then
+  TIMING3D_ARGS="--device cpu --arch resnet18_3d --batch 1 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1"
+else
+  TIMING3D_ARGS="--device cuda --arch resnet18_3d --batch 8 --size 128 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2"
+fi
+TIMING3D_CAP=75
+stage timing3d $TIMING3D_CAP "$PY benchmarks/encoder_timing.py $TIMING3D_ARGS --deadline-s $(( TIMING3D_CAP - 25 )) --json $OUT/encoder_timing_3d.json --markdown $OUT/encoder_timing_3d.md"
+
 # --- memory checking of the CUDA kernels ---------------------------------------
 if [[ "$SMOKE" == 1 ]]; then
   note "sanitizer: skipped in smoke mode" sanitizer "skipped (smoke)"
@@ -166,6 +177,8 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
   echo
   if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
   echo
+  if [[ -f $OUT/encoder_timing_3d.md ]]; then sed 's/^# /## Volumes: /' "$OUT/encoder_timing_3d.md"; else echo "(no 3-D encoder timing results)"; fi
+  echo
   if [[ -f $OUT/ops_bench.json ]]; then
     tmp=$(mktemp -d)
     "$PY" benchmarks/summarize.py "$OUT/ops_bench.json" --out "$tmp" --no-plots --title "op benchmarks" >/dev/null \
@@ -181,6 +194,7 @@ echo "=== stages"
 printf '%s\n' "${STATUS_ROWS[@]}"
 echo
 if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
+if [[ -f $OUT/encoder_timing_3d.md ]]; then grep '^|' "$OUT/encoder_timing_3d.md"; fi
 echo
 echo "gpu_check: done in $(( $(date +%s) - T0 ))s; results in $OUT"
 echo "gpu_check: commit them as benchmarks/results/$(date -u +%Y-%m-%d)-${CARD_SLUG}/"

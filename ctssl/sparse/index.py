@@ -181,7 +181,7 @@ class PatchIndex:
             nb = nb * side + (o.reshape(-1) + r)
             src_local = src_local * p + s.reshape(-1)
         local = torch.arange(P ** self.ndim, device=dev)[ring]  # (R,)
-        nslot = self.neighbour_table(r).reshape(self.num_patches, -1)[:, nb[ring]]  # (N, R)
+        nslot = self.neighbour_table(r).reshape(self.num_patches, side ** self.ndim)[:, nb[ring]]  # (N, R)
         pos = torch.arange(self.num_patches, device=dev).view(-1, 1) * (P ** self.ndim) + local.view(1, -1)
         srcrow = nslot * (p ** self.ndim) + src_local[ring].view(1, -1)
         visible = nslot >= 0

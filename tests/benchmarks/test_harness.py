@@ -66,6 +66,29 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert "| torch | 0.50 |" in md.read_text()
 
 
+def test_encoder_timing_on_volumes_in_fresh_processes_with_peak_memory(tmp_path):
+    """The 3-D encoder on cubic volumes; on a CPU each case in its own process, with its peak resident memory
+    per step and what autograd keeps."""
+    out, md = tmp_path / "vol.json", tmp_path / "vol.md"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18_3d", "--batch", "1", "--size", "64",
+                              "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "2", "--rotate", "1", "--isolate", "--json", str(out),
+                              "--markdown", str(md)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["spatial_dims"] == 3 and data["config"]["isolate"]
+    rows = {r["backend"]: r for r in data["results"]}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["spatial_dims"] == 3 and len(r["peak_rss_bytes_per_step"]) == 2
+        assert r["saved_activation_bytes"] > 0
+    assert rows["torch"]["loss_check"] == "ok" and rows["torch"]["visible_fraction"] == 0.5
+    if rows["dense"]["peak_mem_bytes"] is not None:  # Linux lets a process reset its peak RSS
+        ratio = rows["torch"]["peak_mem_bytes"] / rows["dense"]["peak_mem_bytes"]
+        assert rows["torch"]["peak_mem_vs_emulation"] == ratio
+    text = md.read_text()
+    assert "64^3 voxels" in text and "every case in a fresh process" in text and "VmHWM" in text
+
+
 def test_kernel_profile_ranks_the_dominant_operator_first():
     x = torch.randn(384, 384)
     prof = kernel_profile(lambda a: (a @ a).relu().sum(), [x], torch.device("cpu"), steps=2, top=3)
@@ -97,7 +120,8 @@ def test_encoder_timing_rejects_unknown_backend(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_scripts_parse():
-    for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
+    for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "volume_cpu.sh"),
+                   os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
         assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0, script
 
 

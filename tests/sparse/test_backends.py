@@ -63,3 +63,26 @@ def test_cli_says_what_auto_picks(capsys, monkeypatch):
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"auto picks: cpu -> {auto_backend('cpu').name}; cuda -> (no GPU visible)"
     assert auto_backend("cpu").name == "torch"
+
+
+@pytest.mark.parametrize("module,cls", [("ctssl.sparse.backends.cuda", "CudaBackend"),
+                                        ("ctssl.sparse.backends.minkowski", "MinkowskiBackend")])
+def test_2d_only_backends_refuse_volumes_with_the_reason(module, cls):
+    """Their operators and coordinate maps are 2-D: a volume is refused where the backend is chosen."""
+    import importlib
+
+    backend = getattr(importlib.import_module(module), cls)()
+    assert backend.spatial_dims == (2,)
+    backend.check_spatial_dims(2)
+    with pytest.raises(ValueError, match=rf"^backend '{backend.name}' does not implement sparse ops on 3-D volumes "
+                                         r"\(it supports 2-D\); use backend 'torch' or 'dense'$"):
+        backend.check_spatial_dims(3)
+
+
+def test_every_backend_declares_its_grids():
+    from ctssl.sparse.backends import _REGISTRY
+    import importlib
+
+    dims = {name: getattr(importlib.import_module(mod), cls).spatial_dims for name, (mod, cls) in _REGISTRY.items()}
+    assert dims == {"dense": (2, 3), "torch": (2, 3), "triton": (2, 3), "cuda": (2,), "spconv": (2, 3),
+                    "minkowski": (2,)}

@@ -32,6 +32,9 @@ def test_fixed_configs_compile_without_spills_for_sm90_and_sm80(tmp_path):
     assert {r["arch"] for r in rows} == {90, 80}
     assert {r["kernel"] for r in rows} >= {"_gather_gemm_kernel", "_wgrad_kernel", "_apply_kernel",
                                            "_bwd_dx_kernel", "_maxpool_fwd_kernel", "_unpack_kernel"}
+    volumes = {r["kernel"] for r in rows if "3-D" in r["variant"]}  # the NDIM=3 specializations
+    assert volumes >= {"_gather_gemm_kernel", "_wgrad_kernel", "_maxpool_fwd_kernel", "_maxpool_bwd_kernel",
+                       "_pack_kernel", "_unpack_kernel", "_masked_sum_kernel"}
     assert not [r for r in rows if "error" in r]
     spilled = [(r["arch"], r["variant"]) for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"fixed configs that spill registers: {spilled}"

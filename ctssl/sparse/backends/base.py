@@ -36,6 +36,10 @@ def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1)
     by the stride (so the same patches stay visible); anything else is refused.
     """
     n = x.ndim
+    for what, v in (("kernel", kernel), ("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if isinstance(v, (tuple, list)) and len(v) != n:
+            raise ValueError(f"{op}: {what} {tuple(v)} has {len(v)} axes but the map has {n} spatial axes "
+                             f"(dense shape {x.dense_shape})")
     k, s, pad, d = ntuple(kernel, n), ntuple(stride, n), ntuple(padding, n), ntuple(dilation, n)
     p = x.patch_side
     for axis in range(n):
@@ -113,6 +117,11 @@ class Backend:
         may return a ``ctssl.sparse.pending.PendingBatchNorm``: statistics final, apply deferred."""
         raise NotImplementedError
 
+    def instance_norm(self, x, weight, bias, eps) -> SparseTensor:
+        """InstanceNorm over the visible positions: statistics per (sample, channel) over that sample's visible
+        positions, output 0 where masked; no running statistics."""
+        raise NotImplementedError(f"backend {self.name!r} has no instance_norm")
+
     def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
         raise NotImplementedError
 
@@ -149,6 +158,9 @@ class Backend:
 
     def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
         return fuse_activation(x, "relu6") or x.map(lambda v: F.relu6(v, inplace=inplace))
+
+    def leaky_relu(self, x: SparseTensor, negative_slope: float = 0.01, inplace: bool = False) -> SparseTensor:
+        return x.map(lambda v: F.leaky_relu(v, negative_slope, inplace))
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
         """``a + b``; a pending BatchNorm on either side stays pending with the other folded in."""

@@ -33,6 +33,7 @@ class CudaBackend(TorchBackend):
     """Packed layout on ctssl's CUDA kernels; needs the compiled extension and a GPU."""
 
     name = "cuda"
+    spatial_dims = (2,)  # the operators in csrc/ index 2-D patch grids only
     pending_activations = frozenset({"relu", "relu6"})
     self_check_before_auto = True
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "

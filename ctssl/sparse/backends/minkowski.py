@@ -41,6 +41,7 @@ class MinkowskiBackend(TorchBackend):
     """Packed rows, spatial ops through MinkowskiEngine convolutions (dimension 2)."""
 
     name = "minkowski"
+    spatial_dims = (2,)  # coordinate maps and kernels of dimension 2 only
     needs = BUILD_HINT
 
     def __init__(self):

@@ -1,7 +1,8 @@
 """The ``triton`` backend: the packed active-patch layout with Triton kernels (``ctssl.kernels``).
 
 Conv (forward, input and weight gradient), BatchNorm, max pool and the layout
-conversions run as Triton kernels; average pooling and stochastic depth reuse the
+conversions run as Triton kernels, on images and volumes alike (the kernels take the
+grid's dimensionality as a constexpr); average pooling and stochastic depth reuse the
 ``torch`` backend's packed ops (ResNet uses neither on its sparse path).
 
 Fusion, all exact in semantics:
@@ -29,15 +30,15 @@ from ..norm_stats import NormStats, batch_norm_statistics
 from ..pending import PendingBN, PendingBatchNorm
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import check_aligned, ntuple
 from .torch_packed import TorchBackend
 
 try:
     from ctssl.kernels import runtime as _rt
     from ctssl.kernels.batchnorm import BatchNormActFunction, finalize_stats, partial_stats
-    from ctssl.kernels.conv import ConvGeometry, SparseConv2dFunction
+    from ctssl.kernels.conv import ConvGeometry, SparseConvFunction
     from ctssl.kernels.layout import PackFunction, UnpackFunction
-    from ctssl.kernels.pool import MaxPool2dFunction
+    from ctssl.kernels.pool import MaxPoolFunction
     _IMPORT_ERROR = None
 except ImportError as exc:  # triton missing or broken: reported by unavailable_reason()
     _rt = None
@@ -48,6 +49,7 @@ NAME = "triton"
 
 class TritonBackend(TorchBackend):
     name = NAME
+    spatial_dims = (2, 3)
     needs = "a CUDA GPU and the triton package (or TRITON_INTERPRET=1 set before import, for CPU tests)"
     pending_activations = frozenset({"relu"})
     pending_pairs = True
@@ -141,33 +143,39 @@ class TritonBackend(TorchBackend):
         return UnpackFunction.apply(v, token, t["coords"], t["slot"], x.dense_shape, x.patch_side)
 
     # --- conv ----------------------------------------------------------------
-    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
-        out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):
+        n, op = x.ndim, f"conv{x.ndim}d"
+        out_stride = check_aligned(op, x, weight.shape[2:], stride, padding, dilation)
         if groups != 1:
-            raise NotImplementedError(f"backend {NAME!r}: conv2d with groups={groups} is not implemented "
+            raise NotImplementedError(f"backend {NAME!r}: {op} with groups={groups} is not implemented "
                                       "(backend 'torch' supports it)")
-        v = self._check(x, "conv2d")
-        dtype = compute_dtype(v, weight, NAME)
+        v = self._check(x, op)
+        dtype = compute_dtype(v, weight, NAME, op)
         if v.dtype != dtype:
             v = v.to(dtype)
-        geom = ConvGeometry(x.patch_side, tuple(weight.shape[-2:]), pair(stride)[0], pair(padding), pair(dilation))
+        geom = ConvGeometry(x.patch_side, tuple(weight.shape[2:]), ntuple(stride, n)[0], ntuple(padding, n),
+                            ntuple(dilation, n))
         nbr = self._tables(x.index)["nbr"]
         want_stats = self.fuse
-        y, stats = SparseConv2dFunction.apply(v, weight, bias, nbr, geom, x.index.num_patches, want_stats,
-                                              self.deterministic)
+        y, stats = SparseConvFunction.apply(v, weight, bias, nbr, geom, x.index.num_patches, want_stats,
+                                            self.deterministic)
         return ConvOutput(y, x.index, out_stride, self, stats)
 
     # --- pooling -------------------------------------------------------------
-    def max_pool2d(self, x, kernel_size, stride, padding):
-        out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
-        (kh, kw), (s, _), (ph, pw) = pair(kernel_size), pair(stride), pair(padding)
-        if kh != kw or ph != pw:
-            raise NotImplementedError(f"backend {NAME!r}: max_pool2d supports square kernels and padding only, "
-                                      f"got kernel {(kh, kw)} padding {(ph, pw)}")
-        v = self._check(x, "max_pool2d")
+    def _max_pool(self, x, kernel_size, stride, padding):
+        n, op = x.ndim, f"max_pool{x.ndim}d"
+        out_stride = check_aligned(op, x, kernel_size, stride, padding)
+        k, s, pad = ntuple(kernel_size, n), ntuple(stride, n)[0], ntuple(padding, n)
+        if len(set(k)) != 1 or len(set(pad)) != 1:
+            raise NotImplementedError(f"backend {NAME!r}: {op} supports equal kernel sides and padding only, "
+                                      f"got kernel {k} padding {pad}")
+        v = self._check(x, op)
         nbr = self._tables(x.index)["nbr"]
-        y = MaxPool2dFunction.apply(v, nbr, x.index.num_patches, x.patch_side, kh, s, ph)
+        y = MaxPoolFunction.apply(v, nbr, x.index.num_patches, x.patch_side, k[0], s, pad[0], n)
         return PackedTensor(y, x.index, out_stride, self)
+
+    conv2d = conv3d = _conv
+    max_pool2d = max_pool3d = _max_pool
 
     # --- BatchNorm -----------------------------------------------------------
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,

@@ -18,3 +18,12 @@ class ReLU6(nn.ReLU6):
         if isinstance(x, SparseTensor):
             return x.backend.relu6(x, self.inplace)
         return super().forward(x)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """The activation of nnU-Net-style encoders (negative slope 0.01 by default)."""
+
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return x.backend.leaky_relu(x, self.negative_slope, self.inplace)
+        return super().forward(x)
