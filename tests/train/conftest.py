@@ -34,10 +34,10 @@ def one_batch_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def single_thread():
+def single_thread(intra_op_threads):
     """One intra-op thread: at these sizes threads only add contention on the shared CI cores."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads)
     yield
     torch.set_num_threads(threads)
 
