@@ -27,10 +27,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import remove_stale_temps, write_text
+
 from .dicom import PAPER_MIN_FILES, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
 from .store import (
-    HU_DTYPE, INDEX_FILE, SHARD_DIR, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, TMP_SUFFIX,
-    read_index, series_entry_is_complete, shard_relpath, write_shard_atomic, write_text_atomic,
+    HU_DTYPE, INDEX_FILE, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, read_index,
+    series_entry_is_complete, shard_relpath, write_shard_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -208,14 +210,11 @@ def _check_settings(out: Path, settings: PrepareSettings) -> None:
     else:
         info = {"format": STORE_FORMAT, "version": STORE_VERSION, "dtype": np.dtype(HU_DTYPE).name,
                 "settings": asdict(settings)}
-        write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+        write_text(info_path, json.dumps(info, indent=2) + "\n")
 
 
 def _remove_leftover_temp_files(out: Path) -> int:
-    removed = 0
-    for path in list((out / SHARD_DIR).rglob(f"*{TMP_SUFFIX}")) + list(out.glob(f"*{TMP_SUFFIX}")):
-        path.unlink(missing_ok=True)
-        removed += 1
+    removed = remove_stale_temps(out, recursive=True)
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
     return removed
@@ -230,7 +229,7 @@ def _load_finished(out: Path) -> dict[str, dict]:
     if len(raw_lines) != len(finished):
         dropped = len(raw_lines) - len(finished)
         log.warning("%d index line(s) were incomplete or point at missing shards; those series are redone", dropped)
-        write_text_atomic(index_path, "".join(json.dumps(e) + "\n" for e in finished.values()))
+        write_text(index_path, "".join(json.dumps(e) + "\n" for e in finished.values()))
     return finished
 
 
@@ -303,7 +302,7 @@ def prepare_store(
         rows = [(s.path, s.reason) for s in scan_skipped]
         for entry in finished.values():
             rows.extend((str(dicom / p), r) for p, r in entry.get("skipped", []))
-        write_text_atomic(skipped_path, _csv_text([("path", "reason"), *rows]))
+        write_text(skipped_path, _csv_text([("path", "reason"), *rows]))
         _count_skips(report, [r for _, r in rows])
 
         if not series_list and not finished:

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import open_atomically
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "ctssl-slice-store"
@@ -33,7 +35,6 @@ STORE_FILE = "store.json"
 INDEX_FILE = "index.jsonl"
 SKIPPED_FILE = "skipped.csv"
 SHARD_DIR = "shards"
-TMP_SUFFIX = ".tmp"
 HU_DTYPE = np.int16
 
 
@@ -69,24 +70,8 @@ def shard_relpath(patient: str, series: str) -> str:
 
 def write_shard_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as .npy so that ``path`` is either absent or complete (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
+    with open_atomically(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_index(root: str | os.PathLike) -> list[dict]:

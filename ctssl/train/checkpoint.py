@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import replace_atomically
+
 FORMAT = "ctssl-checkpoint"
 VERSION = 1
 LAST = "checkpoint_last.pt"
@@ -30,41 +32,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not what the caller needs."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` so that ``path`` always holds either the old or the new complete file.
 
-    Writes a temp file in the same directory, fsyncs it, renames it over ``path`` and fsyncs the
-    directory; on any failure the temp file is removed and ``path`` is untouched.
+    A failed write (full disk, read-only) leaves ``path`` untouched, removes its temp file and
+    raises ``ctssl.atomic.OutputError`` with one line.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replace_atomically(path) as tmp:
         torch.save(obj, str(tmp))  # by path: torch's own (faster) file writer
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def _read(path: str | os.PathLike) -> Any:

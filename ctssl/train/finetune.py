@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..models import RESNETS, create_resnet
+from ..atomic import write_json
+from .checkpoint import save_atomic
 from .metrics import classification_metrics
 
 METRICS_FILE = "metrics.json"
@@ -511,18 +513,8 @@ def make_adam(model: nn.Module, config: FinetuneConfig, device: torch.device) ->
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: str | os.PathLike, doc) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    write_json(path, _json_safe(doc), indent=1, allow_nan=False)
 
 
 def _json_safe(obj):
@@ -643,8 +635,8 @@ def run_finetune(
             f"val_acc {val_acc:.4f}{' [frozen]' if frozen else ''}{' *' if improved else ''} ({seconds:.1f} s)")
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
             if improved:
-                _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
-            _atomic_torch_save({
+                save_atomic({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+            save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "history": history, "best": best, "best_state": best_state, "fingerprint": fingerprint,
                 "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
@@ -678,7 +670,7 @@ def run_finetune(
         "seconds": time.perf_counter() - start,
     }
     if config.keep_model:
-        _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+        save_atomic({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
     else:
         (out / BEST_FILE).unlink(missing_ok=True)
     write_json_atomic(out / METRICS_FILE, result)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import open_atomically
+
 LOG_FILE = "log.jsonl"
 
 
@@ -42,13 +44,9 @@ def truncate_log(path: str | os.PathLike, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_log(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomically(path) as f:
         for record in kept:
             f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLogger:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import copy_file, write_text
 from . import checkpoint as ckpt_io
 from .checkpoint import FINAL, FORMAT, LAST, VERSION, CheckpointError, load_checkpoint, save_atomic
 from .config import TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
@@ -316,7 +316,7 @@ class _Run:
                 break
             final = self._save(FINAL, method, optimizer, schedule, scaler, sampler, step, epoch, batch_in_epoch)
             if ctx.is_main:
-                _copy_atomic(final, self.out / LAST)
+                copy_file(final, self.out / LAST)
                 if vis_batch is not None and step % cfg.vis_every != 0:
                     self._visualize(method, vis_batch, step, collective=False)
                 plot_loss_curve(self.out / LOG_FILE, self.out / LOSS_CURVE, title=f"{cfg.method} pre-training loss")
@@ -393,9 +393,7 @@ class _Run:
     def _write_config(self) -> None:
         text = json.dumps({"config": dataclasses.asdict(self.cfg), "plan": dataclasses.asdict(self.plan),
                            "world_size": self.ctx.world_size}, indent=2, default=str)
-        tmp = self.out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / CONFIG_FILE)
+        write_text(self.out / CONFIG_FILE, text + "\n")
 
     # ------------------------------------------------------------------------------------------
     def _save(self, name: str, method, optimizer, schedule: TrainingSchedule, scaler, sampler, step: int,
@@ -487,23 +485,6 @@ class _Window:
         steps, seconds = self.steps, time.perf_counter() - self.start
         self.sums, self.steps, self.start = {}, 0, time.perf_counter()
         return means, nonfinite, steps, seconds
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes a complete copy of ``src`` (a hard link where the file system allows)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_run_config(path: str | os.PathLike) -> PretrainConfig:

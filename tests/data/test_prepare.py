@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctssl.atomic import TEMP_MARK
 from ctssl.data.dicom import read_slice_hu, scan_dicom_tree
 from ctssl.data.prepare import main, prepare_store
 from ctssl.data.store import INDEX_FILE, SKIPPED_FILE, SliceStore
@@ -28,6 +29,16 @@ def skipped_rows(out: Path) -> dict[str, str]:
 
 def index_lines(out: Path) -> list[str]:
     return [ln for ln in (out / INDEX_FILE).read_text().splitlines() if ln.strip()]
+
+
+def finished_pid() -> int:
+    """The process id of a process that has exited (a killed writer's)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def shard_mtimes(out: Path) -> dict[str, int]:
@@ -142,7 +153,7 @@ def test_interrupted_series_is_redone(phantom_tree, tmp_path):
     # and (worst case) a stale shard
     (out / INDEX_FILE).write_text("\n".join(lines[:-1]) + "\n")
     shard = out / lost["shard"]
-    tmp = shard.with_name(shard.name + ".tmp")
+    tmp = shard.with_name(f".{shard.name}{TEMP_MARK}{finished_pid()}")  # the writer was killed
     tmp.write_bytes(b"partial")
     np.save(shard, np.zeros((1, 2, 2), np.int16))
     before = shard_mtimes(out)
