@@ -281,6 +281,8 @@ class _Run:
         model = wrap_ddp(method, ctx, cfg.find_unused_parameters)
         model.train()
         progress = Progress(plan.total_steps, step, enabled=ctx.is_main and cfg.progress)
+        if ctx.is_main and logger.tensorboard_reason and cfg.tensorboard:
+            progress.write(f"ctssl-train: {logger.tensorboard_reason}")
         if ctx.is_main and cfg.progress:
             amp = "off" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
             progress.write(f"{cfg.method} {cfg.arch}: {plan.dataset_len} images, {plan.steps_per_epoch} steps/epoch, "

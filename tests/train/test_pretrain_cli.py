@@ -1,15 +1,18 @@
 """``ctssl-train``: a toy run end to end, settings precedence, and bad input (one line, exit 2, nothing written)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from ctssl.train.checkpoint import FINAL, LAST, load_checkpoint
+from ctssl.train import pretrain
+from ctssl.train.checkpoint import FINAL, LAST, load_checkpoint, save_atomic
 from ctssl.train.config import ConfigError
 from ctssl.train.logger import read_log
 from ctssl.train.pretrain_cli import build_config, build_parser, main
@@ -119,3 +122,38 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, pretrain_store, t
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ctssl-train: error:") and message in lines[0], err
     assert _snapshot(out) == before
+
+
+def _stop_at_the_first_step(self, *args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_default_paper_preset_starts_without_tensorboard(batch32_store, tmp_path, capsys, monkeypatch):
+    """The README's main command: the paper preset (ResNet-50, 224 px, TensorBoard on) gets through its start-up
+    to the first training step when TensorBoard is not installed (as in the venv scripts/setup.sh builds),
+    and says so in one line."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+    monkeypatch.setattr(pretrain._Run, "_train_step", _stop_at_the_first_step)
+    out = tmp_path / "run"
+    assert main(["--method", "spark", "--data", str(batch32_store), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; resume with --resume" in err
+    tensorboard = [line for line in err.splitlines() if "TensorBoard" in line]
+    assert len(tensorboard) == 1 and "pip install tensorboard" in tensorboard[0], err
+    events = [r for r in read_log(out / "log.jsonl") if "event" in r]
+    assert [e["event"] for e in events] == ["note", "start"]
+    assert "TensorBoard" in events[0]["message"] and events[1]["total_steps"] == 1600
+    assert json.loads((out / "config.json").read_text())["config"]["arch"] == "resnet50"
+
+
+def test_resume_under_another_world_size_reseeds_and_notes_it(pretrain_store, tiny_config, tmp_path):
+    """A checkpoint holds one RNG state per rank; resumed by another number of processes the run reseeds."""
+    cfg = tiny_config("spark", pretrain_store, tmp_path / "run", max_steps=1)
+    final = pretrain.run_pretraining(cfg)
+    saved = load_checkpoint(final)
+    saved["rng"] = saved["rng"] * 2  # as written by two ranks
+    save_atomic(saved, tmp_path / "run" / LAST)
+    pretrain.run_pretraining(dataclasses.replace(cfg, max_steps=2), resume=True)
+    notes = [r["message"] for r in read_log(tmp_path / "run" / "log.jsonl") if r.get("event") == "note"]
+    assert notes == ["the checkpoint's RNG states are for another world size: reseeded"]
+    assert load_checkpoint(tmp_path / "run" / FINAL)["step"] == 2
