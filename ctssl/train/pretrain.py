@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..atomic import copy_file, write_text
+from ..atomic import OutputError, check_output_dir, copy_file, remove_stale_temps, write_text
 from . import checkpoint as ckpt_io
 from .checkpoint import FINAL, FORMAT, LAST, VERSION, CheckpointError, load_checkpoint, save_atomic
 from .config import TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
@@ -194,9 +194,15 @@ class _Run:
         self.device = ctx.device
 
         # ---- every check that can fail on user input, before anything is written ----
+        try:
+            check_output_dir(self.out, "--out")
+        except OutputError as exc:
+            raise ConfigError(str(exc)) from None
         self.resumed = load_checkpoint(resume_path) if resume_path is not None else None
+        self.last_good: tuple[Path, int] | None = None  # a checkpoint known to hold finite state, and its step
         if self.resumed is not None:
             self._check_compatible(self.resumed, resume_path)
+            self.last_good = (resume_path, int(self.resumed["step"]))
         self.store = open_store(cfg)
         self.plan = make_plan(cfg, len(self.store), ctx.world_size)
         from ctssl.sparse import get_backend
@@ -231,6 +237,7 @@ class _Run:
         cfg, ctx, plan = self.cfg, self.ctx, self.plan
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)  # of a checkpoint write that was killed
         barrier(ctx)
 
         method = self.method
@@ -289,7 +296,7 @@ class _Run:
                            f"{plan.total_steps} steps, global batch {plan.global_batch} on {ctx.world_size} "
                            f"process(es), peak lr {plan.peak_lr:.3g}, {self.device}, backend {cfg.backend}, "
                            f"amp {amp}" + (f"; resuming at step {step}" if step else ""))
-        window = _Window(self.device)
+        window = self.window = _Window(self.device)
         try:
             while step < plan.total_steps:
                 if batch_in_epoch >= plan.steps_per_epoch:
@@ -359,8 +366,7 @@ class _Run:
         means, nonfinite, steps, seconds = window.flush(self.ctx)
         if nonfinite:
             raise TrainingError(f"the loss became NaN or infinite between steps {step - steps + 1} and {step}; "
-                                f"lower the learning rate or check the data (last good checkpoint: "
-                                f"{self.out / LAST})")
+                                f"lower the learning rate or check the data ({self._last_good_text()})")
         record = {"epoch": epoch, "lr": lr, "weight_decay": wd, **means,
                   "images_per_s": self.plan.global_batch * steps / max(seconds, 1e-9)}
         logger.log(step, record)
@@ -400,7 +406,12 @@ class _Run:
     # ------------------------------------------------------------------------------------------
     def _save(self, name: str, method, optimizer, schedule: TrainingSchedule, scaler, sampler, step: int,
               epoch: int, batch_in_epoch: int) -> Path:
-        """Checkpoint ``name`` atomically (rank 0); every rank contributes its RNG state."""
+        """Checkpoint ``name`` atomically (rank 0); every rank contributes its RNG state.
+
+        Non-finite state is never saved: the loss is checked only every ``log_every`` steps, so the
+        losses since the last log and the weights are checked here first.
+        """
+        self._check_finite(method, step)
         if batch_in_epoch >= self.plan.steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         rngs = all_gather_object(self.ctx, rng_state())
@@ -418,7 +429,22 @@ class _Run:
             }
             save_atomic(state, path)
         barrier(self.ctx)
+        self.last_good = (path, step)
         return path
+
+    def _check_finite(self, method, step: int) -> None:
+        """TrainingError (on every rank alike) once the loss since the last log or the weights are NaN or inf."""
+        finite = self.window.finite() and bool(torch.stack(
+            [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]).all())
+        if mean_across_ranks(self.ctx, torch.tensor([0.0 if finite else 1.0], device=self.device)).item() > 0:
+            raise TrainingError(f"the loss or the weights became NaN or infinite by step {step}; lower the learning "
+                                f"rate or check the data ({self._last_good_text()})")
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written before it"
+        path, step = self.last_good
+        return f"last good checkpoint: {path} (step {step})"
 
     def _restore(self, saved: dict, method, optimizer, schedule: TrainingSchedule, scaler):
         notes: list[str] = []
@@ -477,6 +503,10 @@ class _Window:
             value = value.float().reshape(())
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.steps += 1
+
+    def finite(self) -> bool:
+        """Whether every summed output since the last flush is finite (one host sync)."""
+        return not self.sums or bool(torch.isfinite(torch.stack(list(self.sums.values()))).all())
 
     def flush(self, ctx: DistContext) -> tuple[dict[str, float], bool, int, float]:
         keys = sorted(self.sums)

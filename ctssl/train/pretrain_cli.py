@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
+    from ctssl.atomic import OutputError
     from ctssl.sparse import BackendUnavailableError
 
     from .pretrain import TrainingError, export_backbone, run_pretraining
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
         return 2
     except TrainingError as exc:
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except OutputError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)

@@ -90,6 +90,8 @@ def _bad_inputs(store: Path, tmp: Path):
     corrupt.mkdir()
     (corrupt / LAST).write_bytes(b"not a checkpoint at all")
     toy = ["--preset", "toy", "--no-progress"]
+    a_file = tmp / "a_file"
+    a_file.write_text("not a directory")
     return {
         "unknown method": (["--method", "nope", "--data", str(store), "--out", str(tmp / "a")],
                            "invalid choice: 'nope'", tmp / "a"),
@@ -109,11 +111,16 @@ def _bad_inputs(store: Path, tmp: Path):
         "nothing to resume": (["--out", str(tmp / "g"), "--resume"], "nothing to resume", tmp / "g"),
         "bad --set": (["--method", "spark", "--set", "image_size=big", "--data", str(store), "--out", str(tmp / "h")],
                       "image_size must be an integer", tmp / "h"),
+        "out is a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file)],
+                          f"--out {a_file} is a file, not a directory", a_file),
+        "out under a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file / "run")],
+                             f"{a_file} is a file", a_file),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown method", "unknown backend", "missing data", "not a store", "empty store",
-                                  "corrupt resume", "image size", "existing run", "nothing to resume", "bad --set"])
+                                  "corrupt resume", "image size", "existing run", "nothing to resume", "bad --set",
+                                  "out is a file", "out under a file"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, pretrain_store, tmp_path, capsys):
     argv, message, out = _bad_inputs(pretrain_store, tmp_path)[case]
     before = _snapshot(out)
@@ -157,3 +164,45 @@ def test_resume_under_another_world_size_reseeds_and_notes_it(pretrain_store, ti
     notes = [r["message"] for r in read_log(tmp_path / "run" / "log.jsonl") if r.get("event") == "note"]
     assert notes == ["the checkpoint's RNG states are for another world size: reseeded"]
     assert load_checkpoint(tmp_path / "run" / FINAL)["step"] == 2
+
+
+def test_read_only_out_is_one_line(pretrain_store, tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount (root ignores chmod)
+    out = tmp_path / "run"
+    assert main(["--method", "spark", "--preset", "toy", "--no-progress", "--data", str(pretrain_store),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctssl-train: error: --out") and "not writable" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_one(pretrain_store, tmp_path, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    from ctssl.train import checkpoint as ckpt_io
+
+    real_save = torch.save
+    steps = []
+
+    def disk_full_on_the_second(obj, f, *args, **kwargs):
+        steps.append(obj["step"])
+        if len(steps) == 2:
+            with open(f, "wb") as file:
+                file.write(b"PK half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", disk_full_on_the_second)
+    out = tmp_path / "run"
+    rc = main(["--method", "spark", "--preset", "toy", "--no-progress", "--data", str(pretrain_store), "--out",
+               str(out), "--steps", "3", "--set", "ckpt_every=1", "--set", "hparams.decoder_width=64"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("ctssl-train: error: cannot write") and str(out / LAST) in err[0]
+    assert "no space left on the device (the previous file is unchanged)" in err[0]
+    monkeypatch.undo()
+    assert load_checkpoint(out / LAST)["step"] == 1
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
