@@ -38,6 +38,18 @@ SHARD_DIR = "shards"
 HU_DTYPE = np.int16
 
 
+class StoreError(ValueError):
+    """A store file is missing or damaged; rerunning ``ctssl-prepare`` into the store rebuilds it.
+
+    ``str()`` is one line also when a DataLoader worker re-raises it with the worker's traceback.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__().strip()
+        last = text.splitlines()[-1] if text else text
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
+
+
 @dataclass(frozen=True)
 class SliceRecord:
     """Metadata of one stored slice."""
@@ -151,7 +163,16 @@ class SliceStore:
     def _shard(self, rel: str) -> np.ndarray:
         array = self._open.get(rel)
         if array is None:
-            array = np.load(self.root / rel, mmap_mode="r")
+            path = self.root / rel
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:  # missing, truncated, or not an .npy file
+                raise StoreError(f"store shard {path} is damaged or missing ({exc}); rerun ctssl-prepare on the "
+                                 f"DICOM tree into {self.root} to rebuild it") from None
+            if array.ndim != 3 or array.dtype != HU_DTYPE:
+                raise StoreError(f"store shard {path} is damaged (an array of shape {array.shape} and type "
+                                 f"{array.dtype}, not int16 slices); rerun ctssl-prepare on the DICOM tree into "
+                                 f"{self.root} to rebuild it")
             self._open[rel] = array
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
@@ -163,7 +184,11 @@ class SliceStore:
         """Slice ``i`` as an int16 (H, W) array of HU (a copy, safe to modify)."""
         i = self._check_index(i)
         entry = self.series[self._series_of[i]]
-        return np.array(self._shard(entry["shard"])[self._offset_of[i]])
+        shard = self._shard(entry["shard"])
+        if self._offset_of[i] >= shard.shape[0]:
+            raise StoreError(f"store shard {self.root / entry['shard']} holds {shard.shape[0]} slices, its index line "
+                             f"{len(entry['positions'])}; rerun ctssl-prepare on the DICOM tree into {self.root}")
+        return np.array(shard[self._offset_of[i]])
 
     def record(self, i: int) -> SliceRecord:
         """Metadata of slice ``i``."""

@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
 
     from ctssl.atomic import OutputError
+    from ctssl.data.store import StoreError
     from ctssl.sparse import BackendUnavailableError
 
     from .pretrain import TrainingError, export_backbone, run_pretraining
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         final = run_pretraining(cfg, resume=resume_path, overwrite=args.overwrite)
         if args.export and _is_main_rank():
             export_backbone(final, args.export)
-    except (ConfigError, CheckpointError, BackendUnavailableError) as exc:
+    except (ConfigError, CheckpointError, BackendUnavailableError, StoreError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -206,3 +206,18 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_one(pr
     monkeypatch.undo()
     assert load_checkpoint(out / LAST)["step"] == 1
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_damaged_store_shard_is_one_line_naming_it(workers, pretrain_store, tmp_path, capsys):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(pretrain_store, store)
+    shard = sorted((store / "shards").rglob("*.npy"))[-1]
+    shard.write_bytes(shard.read_bytes()[:200])  # cut short, as by a full disk or a bad copy
+    rc = main(["--method", "spark", "--preset", "toy", "--no-progress", "--data", str(store), "--out",
+               str(tmp_path / "run"), "--steps", "4", "--workers", str(workers), "--set", "hparams.decoder_width=64"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"ctssl-train: error: store shard {shard} is damaged") and "rerun ctssl-prepare" in err[0]
