@@ -171,3 +171,22 @@ def test_temp_file_of_a_killed_checkpoint_write_is_removed_by_the_next_run(pretr
     leftover.write_bytes(b"PK half a checkpoint")
     run_pretraining(dataclasses.replace(cfg, max_steps=2), resume=True)
     assert not leftover.exists()
+
+
+def test_unreadable_files_do_not_pass_on_torchs_advice_to_load_unsafely(tmp_path):
+    import numpy as np
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"weights": np.zeros(3)}, pickled)  # a numpy array: only an unsafe load would read it
+    truncated = tmp_path / "truncated.pt"
+    save_atomic({"w": torch.randn(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    for path, expected in ((garbage, "is corrupt or not a torch file"), (truncated, "is corrupt"),
+                           (pickled, "holds Python objects other than tensors")):
+        with pytest.raises(CheckpointError) as info:
+            load_backbone_state_dict(path)
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message
+        assert "weights_only" not in message and "arbitrary code" not in message
