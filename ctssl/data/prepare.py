@@ -401,6 +401,13 @@ def _count_skips(report: PrepareReport, reasons: Iterable[str]) -> None:
         report.skipped_by_reason[key] = report.skipped_by_reason.get(key, 0) + 1
 
 
+def failure_message(report: PrepareReport) -> str:
+    """One line for a run in which series failed for other reasons than bad input files."""
+    total = report.series_written + report.series_reused + report.series_unusable + report.series_failed
+    return (f"{report.series_failed} of {total} series failed ({report.first_failure}); the "
+            f"{report.series_written + report.series_reused} finished are kept: fix the cause and rerun to resume")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctssl-prepare",
@@ -449,10 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for reason, count in sorted(report.skipped_by_reason.items(), key=lambda kv: -kv[1]):
             print(f"  {count:6d}  {reason}")
     if report.series_failed:
-        total = report.series_written + report.series_reused + report.series_unusable + report.series_failed
-        print(f"ctssl-prepare: error: {report.series_failed} of {total} series failed ({report.first_failure}); "
-              f"the {report.series_written + report.series_reused} finished are kept: fix the cause and rerun "
-              f"to resume", file=sys.stderr)
+        print(f"ctssl-prepare: error: {failure_message(report)}", file=sys.stderr)
         return 1
     return 1 if report.series_unusable and not report.series_written and not report.series_reused else 0
 

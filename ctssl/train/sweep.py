@@ -250,12 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
         return 130
+    print_summary(result)
+    return 1 if result["failed"] else 0
+
+
+def print_summary(result: dict) -> None:
+    """What ``run_sweep`` did, its verdict and where the report is (ctssl-sweep's and ctssl-study's last lines)."""
     print(f"{PROG}: {result['trained']} cells trained, {result['skipped']} skipped, {result['failed']} failed "
           f"in {result['seconds']:.1f} s")
     if result["report"]:
         print(result["report"]["verdict"])
         print(f"{PROG}: report in {result['report']['dir']} (summary.md)")
-    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":
