@@ -177,6 +177,7 @@ class PretrainConfig:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.vis_images < 1:
             raise ConfigError(f"vis_images must be >= 1, got {self.vis_images}")
+        check_hparams(self.method, self.hparams)
         return self
 
     def to_dict(self) -> dict:
@@ -223,6 +224,18 @@ def method_default_hparams(method: str) -> dict[str, Any]:
     from ctssl.ssl import method_class
 
     return dict(method_class(method).default_hparams)
+
+
+def check_hparams(method: str, hparams: dict[str, Any]) -> None:
+    """ConfigError naming ``hparams.KEY`` when a value does not have the type of the method's default
+    (unknown keys are the method's to refuse)."""
+    defaults = method_default_hparams(method)
+    for key, value in hparams.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        hint = tuple[tuple(type(v) for v in default)] if isinstance(default, tuple) else type(default)
+        _coerce(f"hparams.{key}", value, hint)
 
 
 def preset_values(name: str, method: str) -> dict[str, Any]:

@@ -290,6 +290,9 @@ class _Run:
         progress = Progress(plan.total_steps, step, enabled=ctx.is_main and cfg.progress)
         if ctx.is_main and logger.tensorboard_reason and cfg.tensorboard:
             progress.write(f"ctssl-train: {logger.tensorboard_reason}")
+        too_large = cpu_warning(cfg, plan, self.device)
+        if ctx.is_main and too_large:
+            progress.write(f"ctssl-train: {too_large}")
         if ctx.is_main and cfg.progress:
             amp = "off" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
             progress.write(f"{cfg.method} {cfg.arch}: {plan.dataset_len} images, {plan.steps_per_epoch} steps/epoch, "
@@ -477,6 +480,23 @@ class _Run:
             return False
         set_rng_state(states[self.ctx.rank])
         return True
+
+
+# forward+backward cost of each encoder relative to ResNet-50 (their forward GFLOPs at 224 px: 1.8, 3.6, 4.1, 7.8, 11.5)
+_ARCH_COST = {"resnet18": 0.45, "resnet34": 0.9, "resnet50": 1.0, "resnet101": 1.9, "resnet152": 2.8}
+CPU_IMAGE_BUDGET = 20_000
+"""Images (in ResNet-50 / 224 px equivalents) beyond which a CPU run gets a warning: hours at least."""
+
+
+def cpu_warning(cfg: PretrainConfig, plan: RunPlan, device: torch.device) -> str | None:
+    """A warning for a run sized for a GPU (the ``paper`` preset) that is about to start on the CPU."""
+    if device.type != "cpu":
+        return None
+    images = plan.total_steps * plan.global_batch * (cfg.image_size / 224) ** 2 * _ARCH_COST.get(cfg.arch, 1.0)
+    if images < CPU_IMAGE_BUDGET:
+        return None
+    return (f"warning: this run ({cfg.arch}, {cfg.image_size} px, {plan.total_steps} steps of {plan.global_batch} "
+            f"images) is sized for a GPU and will take very long on the CPU; for a CPU demo use --preset toy")
 
 
 def method_has_visualize(method) -> bool:

@@ -111,6 +111,8 @@ def _bad_inputs(store: Path, tmp: Path):
         "nothing to resume": (["--out", str(tmp / "g"), "--resume"], "nothing to resume", tmp / "g"),
         "bad --set": (["--method", "spark", "--set", "image_size=big", "--data", str(store), "--out", str(tmp / "h")],
                       "image_size must be an integer", tmp / "h"),
+        "bad hparam": (["--method", "spark", *toy, "--set", "hparams.decoder_width=abc", "--data", str(store),
+                        "--out", str(tmp / "i")], "hparams.decoder_width must be an integer, got 'abc'", tmp / "i"),
         "out is a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file)],
                           f"--out {a_file} is a file, not a directory", a_file),
         "out under a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file / "run")],
@@ -120,7 +122,7 @@ def _bad_inputs(store: Path, tmp: Path):
 
 @pytest.mark.parametrize("case", ["unknown method", "unknown backend", "missing data", "not a store", "empty store",
                                   "corrupt resume", "image size", "existing run", "nothing to resume", "bad --set",
-                                  "out is a file", "out under a file"])
+                                  "bad hparam", "out is a file", "out under a file"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, pretrain_store, tmp_path, capsys):
     argv, message, out = _bad_inputs(pretrain_store, tmp_path)[case]
     before = _snapshot(out)
@@ -147,6 +149,8 @@ def test_default_paper_preset_starts_without_tensorboard(batch32_store, tmp_path
     assert "interrupted; resume with --resume" in err
     tensorboard = [line for line in err.splitlines() if "TensorBoard" in line]
     assert len(tensorboard) == 1 and "pip install tensorboard" in tensorboard[0], err
+    too_large = [line for line in err.splitlines() if "sized for a GPU" in line]
+    assert len(too_large) == 1 and "resnet50, 224 px, 1600 steps" in too_large[0] and "--preset toy" in too_large[0]
     events = [r for r in read_log(out / "log.jsonl") if "event" in r]
     assert [e["event"] for e in events] == ["note", "start"]
     assert "TensorBoard" in events[0]["message"] and events[1]["total_steps"] == 1600
@@ -221,3 +225,15 @@ def test_damaged_store_shard_is_one_line_naming_it(workers, pretrain_store, tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"ctssl-train: error: store shard {shard} is damaged") and "rerun ctssl-prepare" in err[0]
+
+
+def test_every_option_has_help():
+    """``ctssl-train --help`` explains each flag (--arch, --seed, --device and --amp had none)."""
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_a_toy_run_on_the_cpu_gets_no_size_warning(pretrain_store, tmp_path, capsys):
+    assert main(["--method", "spark", "--preset", "toy", "--no-progress", "--data", str(pretrain_store), "--out",
+                 str(tmp_path / "run"), "--steps", "1", "--set", "hparams.decoder_width=64"]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().err
