@@ -1,9 +1,10 @@
 """Fine-tuning a (pre-trained) ResNet backbone with a new linear head: the seed paper's protocol.
 
 One run = one backbone initialisation x one labeled dataset x one label fraction x one seed.
-The paper's protocol is the default (``config.FINETUNE_PRESETS["paper"]``): ResNet-50, grey images copied to
-3 channels at 224 px, Adam (lr 1e-4, weight decay 5e-4), batch 64, 70 epochs, backbone frozen
-for the first 10; the weights with the best validation accuracy are tested.
+The paper's protocol is the default (``config.FINETUNE_PRESETS["paper"]``): ResNet-50, grey
+images copied to 3 channels at 224 px, Adam (lr 1e-4, weight decay 5e-4), batch 64, 70 epochs,
+backbone frozen for the first 10; the weights with the best validation accuracy are tested.
+The data side (splits, label checks, fractions, transforms) is ``finetune_data``.
 
 Choices the paper does not state, made here and recorded in every ``metrics.json``:
 - while the backbone is frozen its parameters get no gradient but its BatchNorm layers stay in
@@ -36,19 +37,18 @@ from torch.utils.data import DataLoader
 
 from ..atomic import OutputError, check_output_dir, remove_stale_temps, write_json
 from ..models import RESNETS, create_resnet
-from .checkpoint import CheckpointError, read_file, save_atomic
+from .checkpoint import CheckpointError, load_backbone_state_dict, read_file, save_atomic
 from .config import FINETUNE_PRESETS as PRESETS
 from .config import FinetuneConfig, FinetuneError, finetune_config
 from .distributed import resolve_device, seed_everything
-from .finetune_data import (LabeledSplits, PreloadedImages, load_splits, positive_index, recalibration_view,
-                            select_fraction, train_view, training_augmentation, indices_hash)
+from .finetune_data import (LabeledSplits, PreloadedImages, indices_hash, load_splits, positive_index,
+                            recalibration_view, select_fraction, train_view, training_augmentation)
 from .metrics import classification_metrics
 
 METRICS_FILE = "metrics.json"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 METRICS_FORMAT = "ctssl-finetune-metrics"
-
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,8 +99,6 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise FinetuneError(f"--init {path} is a directory; {hint}")
     if not os.path.isfile(path):
         raise FinetuneError(f"--init {path}: no such file (give a checkpoint, an exported state_dict or 'random')")
-    from .checkpoint import load_backbone_state_dict
-
     try:
         sd, meta = load_backbone_state_dict(path)
     except Exception as exc:  # unreadable or foreign file: a user error, not a crash
@@ -321,9 +319,10 @@ def _check_out(out: Path, config: FinetuneConfig, overwrite: bool) -> None:
         return
     try:
         saved = json.loads(finished.read_text(encoding="utf-8"))["config"]
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
         ours = _fingerprint(config)
-        other = _fingerprint(dataclasses.replace(FinetuneConfig(), **{k: v for k, v in saved.items() if k in ours}))
-        changed = sorted(k for k in ours if json.dumps(ours[k]) != json.dumps(other.get(k)))
+        other = _fingerprint(dataclasses.replace(FinetuneConfig(), **{k: v for k, v in saved.items() if k in names}))
+        changed = sorted(k for k in set(ours) | set(other) if json.dumps(ours.get(k)) != json.dumps(other.get(k)))
     except (OSError, ValueError, KeyError, TypeError):
         changed = None
     what = ("this run" if changed == [] else f"a run with other settings ({', '.join(changed)})" if changed

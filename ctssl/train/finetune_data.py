@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def training_augmentation(kind: str, size: int):
+    """``--augment``: none (the evaluation resize), flip, or crop (RandomResizedCrop 0.8-1 + flip)."""
     from ..data.augment import Compose, RandomHorizontalFlip, RandomResizedCrop
 
     if kind == "none":
