@@ -92,16 +92,32 @@ def test_method_trains_and_its_loss_falls_on_a_fixed_batch(name, one_batch_store
     assert after < BOUND[name] * before, (before, after)
 
 
-def test_spark_dense_and_torch_backends_give_the_same_loss(pretrain_store, tiny_config, tmp_path):
+def test_spark_dense_and_torch_backends_give_the_same_loss(pretrain_store, tiny_config, tmp_path, monkeypatch,
+                                                          record_property):
     """Same seed, same batches, same masks: the packed engine reproduces SparK's dense emulation,
-    before and after an update (SGD, so float rounding is not amplified as by Adam's first steps)."""
+    before and after an update (SGD, so rounding is not amplified as by Adam's first steps).
+
+    In float64: in float32 the BN over the few visible rows of the deepest stage moved the gradient norm
+    of the two layouts apart by 7e-4 relative with 2 threads (1e-5 with one), which is rounding, not a bug."""
+    from ctssl.train import pretrain
+
+    from .test_pretrain_ddp import float64_batches
+
+    monkeypatch.setattr(pretrain, "to_device", float64_batches)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     logs = {}
-    for backend in ("dense", "torch"):
-        cfg = tiny_config("spark", pretrain_store, tmp_path / backend, backend=backend, optimizer="sgd", lr=0.05,
-                          max_steps=2, grad_clip=5.0)
-        run_pretraining(cfg)
-        logs[backend] = [r for r in read_log(tmp_path / backend / "log.jsonl") if "loss" in r]
+    try:
+        for backend in ("dense", "torch"):
+            cfg = tiny_config("spark", pretrain_store, tmp_path / backend, backend=backend, optimizer="sgd", lr=0.05,
+                              max_steps=2, grad_clip=5.0)
+            run_pretraining(cfg)
+            logs[backend] = [r for r in read_log(tmp_path / backend / "log.jsonl") if "loss" in r]
+    finally:
+        torch.set_default_dtype(default_dtype)
     assert len(logs["dense"]) == len(logs["torch"]) == 2
+    rel = max(abs(p[k] / d[k] - 1) for d, p in zip(logs["dense"], logs["torch"]) for k in ("loss", "grad_norm"))
+    record_property("max_rel_diff", f"{rel:.1e}")
     for dense, packed in zip(logs["dense"], logs["torch"]):
         assert packed["loss"] == pytest.approx(dense["loss"], rel=1e-5, abs=1e-6)
         assert packed["grad_norm"] == pytest.approx(dense["grad_norm"], rel=1e-4)
