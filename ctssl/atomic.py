@@ -45,6 +45,13 @@ def os_error_reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
 
 
+def describe_os_error(exc: OSError, where: str | os.PathLike | None = None) -> str:
+    """One line for an OSError that reached a command's top (a full disk while appending to a log...)."""
+    if isinstance(exc, OutputError):
+        return str(exc)
+    return f"{exc.filename or where or 'a file'}: {os_error_reason(exc)}"
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """The hidden temp file a write of ``path`` goes through (``.NAME.tmp-PID``, same directory)."""
     path = Path(path)
@@ -190,4 +197,4 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
 
 
 __all__ = ["OutputError", "replace_atomically", "open_atomically", "write_text", "write_json", "copy_file",
-           "remove_stale_temps", "check_output_dir", "temp_path", "os_error_reason", "TEMP_MARK"]
+           "remove_stale_temps", "check_output_dir", "temp_path", "os_error_reason", "describe_os_error", "TEMP_MARK"]

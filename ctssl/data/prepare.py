@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..atomic import OutputError, check_output_dir, os_error_reason, remove_stale_temps, write_text
+from ..atomic import OutputError, check_output_dir, describe_os_error, os_error_reason, remove_stale_temps, write_text
 from .dicom import PAPER_MIN_FILES, SAME_POSITION_MM, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
 from .store import (
     HU_DTYPE, INDEX_FILE, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, read_index,
@@ -440,8 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"ctssl-prepare: error: {exc}", file=sys.stderr)
         return 2
-    except OutputError as exc:  # e.g. the disk filled up while writing skipped.csv or the index
-        print(f"ctssl-prepare: error: {exc}; finished series are kept, rerun to resume", file=sys.stderr)
+    except OSError as exc:  # e.g. the disk filled up while writing skipped.csv or the index
+        print(f"ctssl-prepare: error: {describe_os_error(exc, args.out_dir)}; finished series are kept, rerun to "
+              f"resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ctssl-prepare: interrupted; finished series are kept, rerun to resume", file=sys.stderr)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..atomic import OutputError
+from ..atomic import describe_os_error
 from .config import FINETUNE_PRESETS as PRESETS
 from .config import ConfigError, FinetuneConfig, FinetuneError, finetune_config
 
@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # FinetuneError, a bad --device, a corrupt checkpoint
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except OutputError as exc:  # a full disk while saving: the files written before stay whole
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except FloatingPointError as exc:
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)

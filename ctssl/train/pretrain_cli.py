@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    from ctssl.atomic import OutputError
+    from ctssl.atomic import describe_os_error
     from ctssl.data.store import StoreError
     from ctssl.sparse import BackendUnavailableError
 
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     except TrainingError as exc:
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
         return 1
-    except OutputError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)

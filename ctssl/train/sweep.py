@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..atomic import OutputError
+from ..atomic import describe_os_error
 from ..data.splits import nested_fractions, read_fractions, write_fractions
 from . import finetune as ft
 from .config import ConfigError
@@ -244,8 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # FinetuneError / SweepError, a bad --device
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except OutputError as exc:  # a full disk while writing the manifest or the report
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)

@@ -369,3 +369,16 @@ def test_unusable_out_dir_is_one_line(case, phantom_tree, tmp_path, capsys, monk
     assert err.startswith(f"ctssl-prepare: error: OUT_DIR {out}") and "\n" not in err
     assert {"a file": "is a file, not a directory", "under a file": f"{a_file} is a file",
             "read-only": "not writable"}[case] in err
+
+
+def test_full_disk_while_writing_the_index_is_one_line(phantom_tree, tmp_path, monkeypatch, capsys):
+    import ctssl.data.prepare as prepare_module
+
+    def disk_full(f, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "_append_line", disk_full)
+    assert main([str(phantom_tree), str(tmp_path / "store"), "--workers", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctssl-prepare: error:") and "no space left on the device" in err
+    assert "\n" not in err
