@@ -266,10 +266,10 @@ def times(v) -> str:
 
 
 def write(result, args) -> None:
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
+    from ctssl.atomic import open_atomically
+
+    with open_atomically(args.json) as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, args.json)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(result))

@@ -73,6 +73,7 @@ _EXPORTS = {
     "write_fractions": "splits",
     "SliceRecord": "store",
     "SliceStore": "store",
+    "StoreError": "store",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -290,6 +290,11 @@ def group_series(
     return result, skipped
 
 
+SAME_POSITION_MM = 0.01
+"""Images of one series closer than this along the slice normal show the same slice (e.g. a re-export
+under a new SOPInstanceUID); ctssl-prepare keeps the first that decodes."""
+
+
 def scan_dicom_tree(root: str | os.PathLike, min_files: int = 1) -> tuple[list[CTSeries], list[SkippedFile]]:
     """Find, group and sort all CT series below ``root`` (single process; see prepare for parallel)."""
     return group_series((read_header(p) for p in find_files(root)), min_files=min_files)

@@ -245,7 +245,15 @@ def load_csv(
         if needed not in header:
             raise ValueError(f"{csv_path} needs a '{needed}' column; it has {list(rows[0].keys())}")
     samples = [str((csv_path.parent / r[header["path"]].strip()).resolve()) for r in rows]
-    raw_labels = [r[header["label"]] for r in rows]
+    raw_labels = [(r[header["label"]] or "") for r in rows]
+    empty = [k for k, v in enumerate(raw_labels) if not v.strip()]
+    if empty:  # csv line k + 2: the header is line 1
+        raise ValueError(f"{csv_path}: {len(empty)} row(s) have an empty label (first: line {empty[0] + 2}, "
+                         f"{rows[empty[0]][header['path']]})")
+    missing = [r[header["path"]] for r, s in zip(rows, samples) if not os.path.isfile(s)]
+    if missing:
+        raise ValueError(f"{csv_path}: {len(missing)} image(s) listed do not exist (paths are relative to the "
+                         f"CSV's folder): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     if classes is not None:
         lookup = {c: k for k, c in enumerate(classes)}
         labels = np.array([lookup[v.strip()] if v.strip() in lookup else int(v) for v in raw_labels], dtype=np.int64)

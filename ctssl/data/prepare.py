@@ -15,23 +15,23 @@ import argparse
 import csv
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .dicom import PAPER_MIN_FILES, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
+from ..atomic import OutputError, check_output_dir, describe_os_error, os_error_reason, remove_stale_temps, write_text
+from .dicom import PAPER_MIN_FILES, SAME_POSITION_MM, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
 from .store import (
-    HU_DTYPE, INDEX_FILE, SHARD_DIR, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, TMP_SUFFIX,
-    read_index, series_entry_is_complete, shard_relpath, write_shard_atomic, write_text_atomic,
+    HU_DTYPE, INDEX_FILE, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, read_index,
+    series_entry_is_complete, shard_relpath, write_shard_atomic,
 )
+from .workers import WorkerPool, sigint_deferred
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,11 @@ class PrepareReport:
     out_dir: str
     series_written: int = 0
     series_reused: int = 0
+    series_unusable: int = 0
+    """Series none of whose files could be read (bad input, listed in skipped.csv)."""
     series_failed: int = 0
+    """Series that failed for another reason (full disk, crashed decoder): the run exits non-zero."""
+    first_failure: str | None = None
     slices_written: int = 0
     files_skipped: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
@@ -103,12 +107,17 @@ def _fit_slice(hu: np.ndarray, spacing, settings: PrepareSettings):
     return hu, spacing
 
 
+def _same_position(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) < SAME_POSITION_MM
+
+
 def convert_series(job: _SeriesJob) -> _SeriesResult:
     """Decode, convert and write one series as an int16 shard; runs in a worker process."""
     series, settings = job.series, job.settings
     arrays, positions, sources, skipped = [], [], [], []
     out_spacing = None
-    for header in series.slices:
+    kept_path = None
+    for header in series.slices:  # sorted along the normal: images at one position are neighbours
         try:
             hu, _ = read_slice_hu(header.path)
             if hu.shape != (header.rows, header.columns):
@@ -122,8 +131,12 @@ def convert_series(job: _SeriesJob) -> _SeriesResult:
         except Exception as exc:  # a decoder bug must not stop the other slices
             skipped.append(SkippedFile(header.path, f"unexpected error ({type(exc).__name__}: {exc})"))
             continue
+        if positions and _same_position(header.position, positions[-1]):
+            skipped.append(SkippedFile(header.path, f"same slice position ({header.position:g} mm) as {kept_path}"))
+            continue
         if out_spacing is None:
             out_spacing = spacing
+        kept_path = header.path
         arrays.append(_to_int16(hu))
         positions.append(header.position)
         sources.append(os.path.relpath(header.path, job.dicom_dir))
@@ -164,7 +177,7 @@ def _single_threaded_children():
                 os.environ[key] = value
 
 
-def _converted(pool: Executor | None, jobs: Sequence[_SeriesJob]):
+def _converted(pool: WorkerPool | None, jobs: Sequence[_SeriesJob]):
     """Yield each job's result (or the exception it raised) as soon as it is done."""
     if pool is None:
         for job in jobs:
@@ -173,11 +186,39 @@ def _converted(pool: Executor | None, jobs: Sequence[_SeriesJob]):
             except Exception as exc:
                 yield exc
         return
-    for future in as_completed([pool.submit(convert_series, job) for job in jobs]):
+    yield from pool.as_completed(convert_series, jobs)  # BrokenProcessPool when a decoder crashed a worker
+
+
+LOCK_FILE = ".prepare.lock"
+
+
+@contextmanager
+def _store_lock(out: Path):
+    """Hold ``OUT/.prepare.lock`` for the run: a second ctssl-prepare into the same store is refused.
+
+    An OS file lock (flock), so a killed run leaves no stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
         try:
-            yield future.result()
-        except Exception as exc:  # e.g. BrokenProcessPool when a decoder crashed a worker
-            yield exc
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UsageError(f"{out} is being prepared by another ctssl-prepare (process {holder}); wait for it "
+                             f"to finish, or prepare into another OUT_DIR") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
@@ -208,14 +249,11 @@ def _check_settings(out: Path, settings: PrepareSettings) -> None:
     else:
         info = {"format": STORE_FORMAT, "version": STORE_VERSION, "dtype": np.dtype(HU_DTYPE).name,
                 "settings": asdict(settings)}
-        write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+        write_text(info_path, json.dumps(info, indent=2) + "\n")
 
 
 def _remove_leftover_temp_files(out: Path) -> int:
-    removed = 0
-    for path in list((out / SHARD_DIR).rglob(f"*{TMP_SUFFIX}")) + list(out.glob(f"*{TMP_SUFFIX}")):
-        path.unlink(missing_ok=True)
-        removed += 1
+    removed = remove_stale_temps(out, recursive=True)
     if removed:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
     return removed
@@ -230,7 +268,7 @@ def _load_finished(out: Path) -> dict[str, dict]:
     if len(raw_lines) != len(finished):
         dropped = len(raw_lines) - len(finished)
         log.warning("%d index line(s) were incomplete or point at missing shards; those series are redone", dropped)
-        write_text_atomic(index_path, "".join(json.dumps(e) + "\n" for e in finished.values()))
+        write_text(index_path, "".join(json.dumps(e) + "\n" for e in finished.values()))
     return finished
 
 
@@ -269,25 +307,28 @@ def prepare_store(
         raise UsageError(f"no files found in {dicom}")
 
     settings = PrepareSettings(min_files=min_files, size=size, spacing=spacing)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
-    _remove_leftover_temp_files(out)
-    finished = _load_finished(out)
+    try:
+        check_output_dir(out, "OUT_DIR")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # OutputError, or a race with another process
+        raise UsageError(str(exc) if isinstance(exc, OutputError) else f"OUT_DIR {out}: {os_error_reason(exc)}") \
+            from None
     report = PrepareReport(out_dir=str(out))
 
     with ExitStack() as stack:
-        pool: list[Executor] = []
+        stack.enter_context(_store_lock(out))
+        _check_settings(out, settings)
+        _remove_leftover_temp_files(out)
+        finished = _load_finished(out)
+        pool: list[WorkerPool] = []
 
-        def executor(n_tasks: int) -> Executor | None:
+        def executor(n_tasks: int) -> WorkerPool | None:
             """Worker processes once there is enough work for them; None: run in this process."""
             if workers <= 1 or n_tasks <= 1:
                 return None
             if not pool:
                 stack.enter_context(_single_threaded_children())
-                # spawn, not fork: safe whatever threads the parent runs; workers import no torch
-                pool.append(stack.enter_context(
-                    ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-                ))
+                pool.append(stack.enter_context(WorkerPool(workers)))  # workers import no torch
             return pool[0]
 
         scan = executor(len(files) // _SCAN_CHUNK)
@@ -303,7 +344,7 @@ def prepare_store(
         rows = [(s.path, s.reason) for s in scan_skipped]
         for entry in finished.values():
             rows.extend((str(dicom / p), r) for p, r in entry.get("skipped", []))
-        write_text_atomic(skipped_path, _csv_text([("path", "reason"), *rows]))
+        write_text(skipped_path, _csv_text([("path", "reason"), *rows]))
         _count_skips(report, [r for _, r in rows])
 
         if not series_list and not finished:
@@ -315,21 +356,33 @@ def prepare_store(
         results = _converted(executor(len(jobs)), jobs)
         with open(out / INDEX_FILE, "a", encoding="utf-8") as index, open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
             writer = csv.writer(skip_file)
-            for result in _progress(results, len(jobs), "convert", progress):
+
+            def record(result: _SeriesResult | Exception) -> None:
                 if isinstance(result, Exception):  # keep what is finished, report the rest
-                    log.error("converting a series failed (%s: %s); rerun ctssl-prepare to resume",
-                              type(result).__name__, result)
+                    reason = f"{type(result).__name__}: {result}"
+                    log.error("converting a series failed (%s); rerun ctssl-prepare to resume", reason)
                     report.series_failed += 1
-                    continue
-                if result.entry is not None:
-                    _append_line(index, json.dumps(result.entry) + "\n")
-                    report.series_written += 1
-                    report.slices_written += len(result.entry["positions"])
-                else:
-                    report.series_failed += 1
-                writer.writerows((s.path, s.reason) for s in result.skipped)
-                skip_file.flush()
+                    report.first_failure = report.first_failure or reason
+                    return
+                with sigint_deferred():  # a Ctrl-C never tears an index line
+                    if result.entry is not None:
+                        _append_line(index, json.dumps(result.entry) + "\n")
+                        report.series_written += 1
+                        report.slices_written += len(result.entry["positions"])
+                    else:
+                        report.series_unusable += 1
+                    writer.writerows((s.path, s.reason) for s in result.skipped)
+                    skip_file.flush()
                 _count_skips(report, [s.reason for s in result.skipped])
+
+            try:
+                for result in _progress(results, len(jobs), "convert", progress):
+                    record(result)
+            except KeyboardInterrupt:  # keep (index) what the workers finished, then stop them
+                if pool:
+                    for result in pool[0].finish_running(grace=1.0):
+                        record(result)
+                raise
     return report
 
 
@@ -346,6 +399,13 @@ def _count_skips(report: PrepareReport, reasons: Iterable[str]) -> None:
         report.files_skipped += 1
         key = reason.split(":")[0].split("(")[0].strip()
         report.skipped_by_reason[key] = report.skipped_by_reason.get(key, 0) + 1
+
+
+def failure_message(report: PrepareReport) -> str:
+    """One line for a run in which series failed for other reasons than bad input files."""
+    total = report.series_written + report.series_reused + report.series_unusable + report.series_failed
+    return (f"{report.series_failed} of {total} series failed ({report.first_failure}); the "
+            f"{report.series_written + report.series_reused} finished are kept: fix the cause and rerun to resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,19 +440,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"ctssl-prepare: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the disk filled up while writing skipped.csv or the index
+        print(f"ctssl-prepare: error: {describe_os_error(exc, args.out_dir)}; finished series are kept, rerun to "
+              f"resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ctssl-prepare: interrupted; finished series are kept, rerun to resume", file=sys.stderr)
         return 130
     if not args.quiet:
         print(
             f"ctssl-prepare: {report.series_written} series written ({report.slices_written} slices), "
-            f"{report.series_reused} already done, {report.series_failed} failed, "
-            f"{report.files_skipped} files skipped (see {Path(args.out_dir) / SKIPPED_FILE}) "
-            f"in {time.perf_counter() - start:.1f} s"
+            f"{report.series_reused} already done, {report.series_unusable} unreadable, "
+            f"{report.series_failed} failed, {report.files_skipped} files skipped "
+            f"(see {Path(args.out_dir) / SKIPPED_FILE}) in {time.perf_counter() - start:.1f} s"
         )
         for reason, count in sorted(report.skipped_by_reason.items(), key=lambda kv: -kv[1]):
             print(f"  {count:6d}  {reason}")
-    return 1 if report.series_failed and not report.series_written and not report.series_reused else 0
+    if report.series_failed:
+        print(f"ctssl-prepare: error: {failure_message(report)}", file=sys.stderr)
+        return 1
+    return 1 if report.series_unusable and not report.series_written and not report.series_reused else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..atomic import open_atomically
+
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 FRACTIONS_FORMAT = "ctssl-label-fractions"
 
@@ -109,10 +111,8 @@ def write_fractions(
         "meta": meta,
         "fractions": {repr(float(f)): [int(i) for i in idx] for f, idx in sorted(subsets.items())},
     }
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomically(path) as f:
         json.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def read_fractions(path: str | os.PathLike, labels: Sequence[int] | None = None) -> dict[float, np.ndarray]:

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import open_atomically
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "ctssl-slice-store"
@@ -33,8 +35,19 @@ STORE_FILE = "store.json"
 INDEX_FILE = "index.jsonl"
 SKIPPED_FILE = "skipped.csv"
 SHARD_DIR = "shards"
-TMP_SUFFIX = ".tmp"
 HU_DTYPE = np.int16
+
+
+class StoreError(ValueError):
+    """A store file is missing or damaged; rerunning ``ctssl-prepare`` into the store rebuilds it.
+
+    ``str()`` is one line also when a DataLoader worker re-raises it with the worker's traceback.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__().strip()
+        last = text.splitlines()[-1] if text else text
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -69,24 +82,8 @@ def shard_relpath(patient: str, series: str) -> str:
 
 def write_shard_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as .npy so that ``path`` is either absent or complete (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
+    with open_atomically(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_index(root: str | os.PathLike) -> list[dict]:
@@ -166,7 +163,16 @@ class SliceStore:
     def _shard(self, rel: str) -> np.ndarray:
         array = self._open.get(rel)
         if array is None:
-            array = np.load(self.root / rel, mmap_mode="r")
+            path = self.root / rel
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:  # missing, truncated, or not an .npy file
+                raise StoreError(f"store shard {path} is damaged or missing ({exc}); rerun ctssl-prepare on the "
+                                 f"DICOM tree into {self.root} to rebuild it") from None
+            if array.ndim != 3 or array.dtype != HU_DTYPE:
+                raise StoreError(f"store shard {path} is damaged (an array of shape {array.shape} and type "
+                                 f"{array.dtype}, not int16 slices); rerun ctssl-prepare on the DICOM tree into "
+                                 f"{self.root} to rebuild it")
             self._open[rel] = array
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
@@ -178,7 +184,11 @@ class SliceStore:
         """Slice ``i`` as an int16 (H, W) array of HU (a copy, safe to modify)."""
         i = self._check_index(i)
         entry = self.series[self._series_of[i]]
-        return np.array(self._shard(entry["shard"])[self._offset_of[i]])
+        shard = self._shard(entry["shard"])
+        if self._offset_of[i] >= shard.shape[0]:
+            raise StoreError(f"store shard {self.root / entry['shard']} holds {shard.shape[0]} slices, its index line "
+                             f"{len(entry['positions'])}; rerun ctssl-prepare on the DICOM tree into {self.root}")
+        return np.array(shard[self._offset_of[i]])
 
     def record(self, i: int) -> SliceRecord:
         """Metadata of slice ``i``."""

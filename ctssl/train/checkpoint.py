@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import replace_atomically
+
 FORMAT = "ctssl-checkpoint"
 VERSION = 1
 LAST = "checkpoint_last.pt"
@@ -30,52 +32,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not what the caller needs."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` so that ``path`` always holds either the old or the new complete file.
 
-    Writes a temp file in the same directory, fsyncs it, renames it over ``path`` and fsyncs the
-    directory; on any failure the temp file is removed and ``path`` is untouched.
+    A failed write (full disk, read-only) leaves ``path`` untouched, removes its temp file and
+    raises ``ctssl.atomic.OutputError`` with one line.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replace_atomically(path) as tmp:
         torch.save(obj, str(tmp))  # by path: torch's own (faster) file writer
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
-def _read(path: str | os.PathLike) -> Any:
+def read_file(path: str | os.PathLike) -> Any:
+    """A torch file read with ``weights_only=True`` (tensors, numbers, strings, containers), or CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle garbage, unsafe globals...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first})") from None
+        raise CheckpointError(_unreadable(path, exc)) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``path`` cannot be read, in our words: torch's own message advises loading it with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(exc).strip()
+    if "Unsupported global" in text:
+        return (f"{path} holds Python objects other than tensors and plain values: it is neither a ctssl "
+                f"checkpoint nor a state_dict, and ctssl does not load such files")
+    if text.startswith("Weights only load failed"):
+        reason = "its data cannot be unpickled"
+    else:
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    return f"checkpoint {path} is corrupt or not a torch file ({reason})"
 
 
 def is_ctssl_checkpoint(obj: Any) -> bool:
@@ -84,7 +74,7 @@ def is_ctssl_checkpoint(obj: Any) -> bool:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A full ctssl checkpoint (for resuming), checked for format, version and required keys."""
-    obj = _read(path)
+    obj = read_file(path)
     if not is_ctssl_checkpoint(obj):
         raise CheckpointError(f"{path} is not a ctssl checkpoint (no format={FORMAT!r} entry)")
     if obj.get("version") != VERSION:
@@ -109,7 +99,7 @@ def load_backbone_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     epoch, config) or a plain ResNet state_dict (``export_backbone`` output, torchvision weights;
     meta has ``format="state_dict"`` and ``in_chans`` read from ``conv1.weight``).
     """
-    obj = _read(path)
+    obj = read_file(path)
     if is_ctssl_checkpoint(obj):
         if obj.get("version") != VERSION:
             raise CheckpointError(f"{path}: ctssl checkpoint version {obj.get('version')} is not supported")
@@ -148,5 +138,5 @@ def export_backbone(source: str | os.PathLike | torch.nn.Module, path: str | os.
     return save_atomic(state, path)
 
 
-__all__ = ["FORMAT", "VERSION", "LAST", "FINAL", "CheckpointError", "save_atomic", "load_checkpoint",
+__all__ = ["FORMAT", "VERSION", "LAST", "FINAL", "CheckpointError", "save_atomic", "load_checkpoint", "read_file",
            "load_backbone_state_dict", "export_backbone", "plain_state_dict", "is_ctssl_checkpoint"]

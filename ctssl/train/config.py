@@ -1,12 +1,14 @@
-"""Pre-training configuration: one dataclass, per-method presets, config files and ``key=value`` overrides.
+"""Run configuration: the pre-training and fine-tuning dataclasses, their presets, config files and overrides.
 
-Precedence (lowest first): dataclass defaults < preset < config file (TOML, or YAML when PyYAML
-is installed) < ``--set key=value`` < explicit command-line flags. Every value is checked against
-the field's type, so a typo fails with the field's name instead of deep inside the run.
+Pre-training precedence (lowest first): dataclass defaults < preset < config file (TOML, or YAML
+when PyYAML is installed) < ``--set key=value`` < explicit command-line flags. Fine-tuning: preset <
+flags. Every value is checked against the field's type, so a typo fails with the field's name
+instead of deep inside the run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -32,6 +34,10 @@ _UnionType = getattr(types, "UnionType", None)
 
 class ConfigError(ValueError):
     """A user-facing configuration or input problem (the CLI prints it and exits with code 2)."""
+
+
+class FinetuneError(ConfigError):
+    """A fine-tuning input problem the user can fix (missing file, wrong arch, unknown fraction): exit code 2."""
 
 
 @dataclass
@@ -171,6 +177,7 @@ class PretrainConfig:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.vis_images < 1:
             raise ConfigError(f"vis_images must be >= 1, got {self.vis_images}")
+        check_hparams(self.method, self.hparams)
         return self
 
     def to_dict(self) -> dict:
@@ -217,6 +224,18 @@ def method_default_hparams(method: str) -> dict[str, Any]:
     from ctssl.ssl import method_class
 
     return dict(method_class(method).default_hparams)
+
+
+def check_hparams(method: str, hparams: dict[str, Any]) -> None:
+    """ConfigError naming ``hparams.KEY`` when a value does not have the type of the method's default
+    (unknown keys are the method's to refuse)."""
+    defaults = method_default_hparams(method)
+    for key, value in hparams.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        hint = tuple[tuple(type(v) for v in default)] if isinstance(default, tuple) else type(default)
+        _coerce(f"hparams.{key}", value, hint)
 
 
 def preset_values(name: str, method: str) -> dict[str, Any]:
@@ -273,8 +292,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(PretrainConfig)
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -340,14 +360,16 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def apply_values(cfg: PretrainConfig, values: dict[str, Any], source: str) -> PretrainConfig:
-    """A copy of ``cfg`` with ``values`` set (``hparams`` tables are merged, not replaced)."""
-    hints = _type_hints()
+def apply_values(cfg, values: dict[str, Any], source: str):
+    """A copy of the config dataclass ``cfg`` with ``values`` set, each checked against its field's type
+    (``hparams`` tables are merged, not replaced)."""
+    hints = _type_hints(type(cfg))
     changes: dict[str, Any] = {}
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in hints:
-            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: {', '.join(FIELD_NAMES)}")
+            known = ", ".join(f.name for f in fields(cfg))
+            raise ConfigError(f"{source}: unknown setting {key!r}; known settings: {known}")
         coerced = _coerce(key, value, hints[key])
         if key == "hparams":
             merged = dict(changes.get("hparams", cfg.hparams))
@@ -395,9 +417,90 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Pretrain
     return apply_values(PretrainConfig(), values, source)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines one fine-tuning run (``ctssl.train.finetune``). ``None`` fields are resolved
+    at run time."""
+
+    data: str = ""
+    init: str = "random"  # "random" or a checkpoint / exported state_dict path
+    name: str | None = None  # method label for reports (default: the checkpoint's method or "random")
+    positive_class: str | None = None  # binary tasks: class name or index counted positive (default index 1)
+    arch: str | None = None  # None: the checkpoint's arch, or PRESET arch for random init
+    in_chans: int | None = None  # None: the checkpoint's, or the preset's for random init
+    random_arch: str = "resnet50"  # arch of a random init when --arch is not given
+    random_in_chans: int = 3
+    epochs: int = 70
+    freeze_epochs: int = 10
+    linear_probe: bool = False
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    image_size: int = 224
+    augment: str = "crop"  # none | flip | crop
+    intensity: str = "raw"
+    normalize: str = "auto"  # auto (the checkpoint's, else none) | none | imagenet
+    fraction: float | None = None
+    fractions_file: str | None = None
+    fraction_seed: int = 0
+    split_seed: int = 0
+    split_lists: dict = field(default_factory=dict)  # split name -> list of files (COVID-CT lists)
+    patient_regex: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    amp: bool = False  # bf16 autocast on CUDA
+    preload: str = "auto"  # auto | yes | no: keep decoded images in memory
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
+    keep_model: bool = True  # keep OUT/best.pt after the run
+    # BatchNorm statistics for evaluation: from this many training images under the current weights,
+    # recomputed before each evaluation; 0: the running averages (the paper's, torchvision's default)
+    bn_recalibrate: int = 0
+
+    def validate(self) -> "FinetuneConfig":
+        """Check the values that need neither the data nor the device; raises FinetuneError."""
+        if self.epochs < 1:
+            raise FinetuneError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.freeze_epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.bn_recalibrate < 0:
+            raise FinetuneError("--freeze-epochs must be >= 0, --batch-size >= 1, --lr > 0 and --bn-recalibrate >= 0")
+        return self
+
+
+FINETUNE_PRESETS: dict[str, dict] = {
+    "paper": dict(random_arch="resnet50", random_in_chans=3, epochs=70, freeze_epochs=10, batch_size=64, lr=1e-4,
+                  weight_decay=5e-4, image_size=224, checkpoint_every=1, workers=4),
+    "toy": dict(random_arch="resnet18", random_in_chans=3, epochs=6, freeze_epochs=1, batch_size=16, lr=1e-3,
+                weight_decay=5e-4, image_size=64, checkpoint_every=0, preload="yes", bn_recalibrate=32),
+    "test": dict(random_arch="resnet18", random_in_chans=3, epochs=1, freeze_epochs=0, batch_size=8, lr=1e-3,
+                 weight_decay=5e-4, image_size=32, checkpoint_every=0, preload="yes"),
+}
+"""``paper``: the seed paper's protocol (GPU). ``toy``: minutes on a CPU. ``test``: seconds, for tests.
+
+``toy`` recalibrates BatchNorm before each evaluation: with lr 1e-3 from random weights and only
+2-17 steps per epoch, the running averages (momentum 0.1) lag the weights or still hold their
+initial values, and the evaluated model predicts one class (validation accuracy 0.5 in most epochs).
+"""
+
+
+def finetune_config(preset: str = "paper", **overrides) -> FinetuneConfig:
+    """Preset ``preset`` with ``overrides`` (None values leave the preset's), type-checked."""
+    if preset not in FINETUNE_PRESETS:
+        raise FinetuneError(f"unknown preset {preset!r}; choose one of {', '.join(FINETUNE_PRESETS)}")
+    values = {**FINETUNE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return apply_values(FinetuneConfig(), values, f"fine-tuning ({preset} preset)")
+    except ConfigError as exc:
+        raise FinetuneError(str(exc)) from None
+
+
 __all__ = [
     "PretrainConfig", "ConfigError", "METHODS", "ARCHS", "OPTIMIZERS", "AMP_MODES", "DEVICES", "PRESETS",
     "TRAINER_HPARAMS", "TOY_PRESET", "method_default_hparams", "preset_values", "read_config_file", "apply_values",
     "parse_overrides",
-    "config_from_dict", "FIELD_NAMES",
+    "config_from_dict", "FIELD_NAMES", "FinetuneConfig", "FinetuneError", "FINETUNE_PRESETS", "finetune_config",
 ]

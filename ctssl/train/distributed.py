@@ -45,14 +45,21 @@ class DistContext:
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local rank's GPU when CUDA works, else the CPU."""
-    if preference == "cpu":
+    """``auto``: the local rank's GPU when CUDA works, else the CPU; ``cuda``: the local rank's GPU;
+    ``cpu``; or an explicit ``cuda:N``. ConfigError for a name that is none of these or a GPU not here."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+    if preference in ("auto", "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but CUDA is not available here")
+            raise ConfigError("--device cuda was asked for but CUDA is not available here (use cpu or auto)")
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ConfigError(f"--device {preference}: not a device name (auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {preference} was asked for but CUDA is not available here (use cpu or auto)")
+    return device
 
 
 def _env_int(name: str, default: int) -> int:

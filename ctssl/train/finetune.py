@@ -1,9 +1,10 @@
 """Fine-tuning a (pre-trained) ResNet backbone with a new linear head: the seed paper's protocol.
 
 One run = one backbone initialisation x one labeled dataset x one label fraction x one seed.
-The paper's protocol is the default (``PRESETS["paper"]``): ResNet-50, grey images copied to
-3 channels at 224 px, Adam (lr 1e-4, weight decay 5e-4), batch 64, 70 epochs, backbone frozen
-for the first 10; the weights with the best validation accuracy are tested.
+The paper's protocol is the default (``config.FINETUNE_PRESETS["paper"]``): ResNet-50, grey
+images copied to 3 channels at 224 px, Adam (lr 1e-4, weight decay 5e-4), batch 64, 70 epochs,
+backbone frozen for the first 10; the weights with the best validation accuracy are tested.
+The data side (splits, label checks, fractions, transforms) is ``finetune_data``.
 
 Choices the paper does not state, made here and recorded in every ``metrics.json``:
 - while the backbone is frozen its parameters get no gradient but its BatchNorm layers stay in
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -33,9 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from ..atomic import OutputError, check_output_dir, remove_stale_temps, write_json
 from ..models import RESNETS, create_resnet
+from .checkpoint import CheckpointError, load_backbone_state_dict, read_file, save_atomic
+from .config import FINETUNE_PRESETS as PRESETS
+from .config import FinetuneConfig, FinetuneError, finetune_config
+from .distributed import resolve_device, seed_everything
+from .finetune_data import (LabeledSplits, PreloadedImages, indices_hash, load_splits, positive_index,
+                            recalibration_view, select_fraction, train_view, training_augmentation)
 from .metrics import classification_metrics
 
 METRICS_FILE = "metrics.json"
@@ -43,78 +50,13 @@ BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 METRICS_FORMAT = "ctssl-finetune-metrics"
 
-
-class FinetuneError(ValueError):
-    """A problem the user can fix (missing file, wrong arch, unknown fraction): exit code 2."""
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything that defines one fine-tuning run. ``None`` fields are resolved at run time."""
-
-    data: str = ""
-    init: str = "random"  # "random" or a checkpoint / exported state_dict path
-    name: str | None = None  # method label for reports (default: the checkpoint's method or "random")
-    positive_class: str | None = None  # binary tasks: class name or index counted positive (default index 1)
-    arch: str | None = None  # None: the checkpoint's arch, or PRESET arch for random init
-    in_chans: int | None = None  # None: the checkpoint's, or the preset's for random init
-    random_arch: str = "resnet50"  # arch of a random init when --arch is not given
-    random_in_chans: int = 3
-    epochs: int = 70
-    freeze_epochs: int = 10
-    linear_probe: bool = False
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    image_size: int = 224
-    augment: str = "crop"  # none | flip | crop
-    intensity: str = "raw"
-    normalize: str = "auto"  # auto (the checkpoint's, else none) | none | imagenet
-    fraction: float | None = None
-    fractions_file: str | None = None
-    fraction_seed: int = 0
-    split_seed: int = 0
-    split_lists: dict = field(default_factory=dict)  # split name -> list of files (COVID-CT lists)
-    patient_regex: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    amp: bool = False  # bf16 autocast on CUDA
-    preload: str = "auto"  # auto | yes | no: keep decoded images in memory
-    checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
-    keep_model: bool = True  # keep OUT/best.pt after the run
-    # BatchNorm statistics for evaluation: from this many training images under the current weights,
-    # recomputed before each evaluation; 0: the running averages (the paper's, torchvision's default)
-    bn_recalibrate: int = 0
-
-
-PRESETS: dict[str, dict] = {
-    "paper": dict(random_arch="resnet50", random_in_chans=3, epochs=70, freeze_epochs=10, batch_size=64, lr=1e-4,
-                  weight_decay=5e-4, image_size=224, checkpoint_every=1, workers=4),
-    "toy": dict(random_arch="resnet18", random_in_chans=3, epochs=6, freeze_epochs=1, batch_size=16, lr=1e-3,
-                weight_decay=5e-4, image_size=64, checkpoint_every=0, preload="yes", bn_recalibrate=32),
-    "test": dict(random_arch="resnet18", random_in_chans=3, epochs=1, freeze_epochs=0, batch_size=8, lr=1e-3,
-                 weight_decay=5e-4, image_size=32, checkpoint_every=0, preload="yes"),
-}
-"""``paper``: the seed paper's protocol (GPU). ``toy``: minutes on a CPU. ``test``: seconds, for tests.
-
-``toy`` recalibrates BatchNorm before each evaluation: with lr 1e-3 from random weights and only
-2-17 steps per epoch, the running averages (momentum 0.1) lag the weights or still hold their
-initial values, and the evaluated model predicts one class (validation accuracy 0.5 in most epochs).
-"""
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def make_config(preset: str = "paper", **overrides) -> FinetuneConfig:
-    if preset not in PRESETS:
-        raise FinetuneError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise TypeError(f"unknown FinetuneConfig fields {bad}")
-    return FinetuneConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    """``config.finetune_config``: preset ``preset`` with ``overrides`` (None leaves the preset's value)."""
+    return finetune_config(preset, **overrides)
 
 
 # ---------------------------------------------------------------- backbone
@@ -150,10 +92,13 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(backbone state_dict without the classifier, meta with arch / in_chans / method) of a file."""
+    if os.path.isdir(path):
+        inside = [os.path.join(path, n) for n in ("checkpoint_final.pt", "checkpoint_last.pt")
+                  if os.path.isfile(os.path.join(path, n))]
+        hint = f"did you mean --init {inside[0]}?" if inside else "give a checkpoint file"
+        raise FinetuneError(f"--init {path} is a directory; {hint}")
     if not os.path.isfile(path):
         raise FinetuneError(f"--init {path}: no such file (give a checkpoint, an exported state_dict or 'random')")
-    from .checkpoint import load_backbone_state_dict
-
     try:
         sd, meta = load_backbone_state_dict(path)
     except Exception as exc:  # unreadable or foreign file: a user error, not a crash
@@ -218,181 +163,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool, bn_train: bool) ->
             module.train(bn_train and model.training)
 
 
-# ---------------------------------------------------------------- data
-
-def _augmentation(kind: str, size: int):
-    from ..data.augment import Compose, RandomHorizontalFlip, RandomResizedCrop
-
-    if kind == "none":
-        return None
-    if kind == "flip":
-        return Compose([_Resize(size), RandomHorizontalFlip(0.5)])
-    if kind == "crop":
-        return Compose([RandomResizedCrop(size, scale=(0.8, 1.0)), RandomHorizontalFlip(0.5)])
-    raise FinetuneError(f"--augment {kind}: unknown; choose none, flip or crop")
-
-
-class _Resize:
-    """Shorter side to ``size`` then centre crop: the evaluation transform."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, x, generator=None):
-        from ..data.intensity import resize_shorter_and_center_crop
-
-        return resize_shorter_and_center_crop(x, self.size)
-
-
-class PreloadedImages(Dataset):
-    """Decoded grey images (1, H, W) held in memory, with an optional random transform.
-
-    Fine-tuning reads each image once per epoch for tens of epochs, and the sweep fine-tunes
-    many times on the same set: decoding PNG/DICOM once saves most of the CPU time.
-    """
-
-    def __init__(self, images: Sequence[torch.Tensor], labels: np.ndarray, size: int, transform=None):
-        self.images, self.labels, self.size, self.transform = list(images), np.asarray(labels), size, transform
-
-    @classmethod
-    def from_dataset(cls, ds, size: int, transform=None) -> "PreloadedImages":
-        from ..data.intensity import to_channels
-
-        return cls([to_channels(ds.image(i), 1) for i in range(len(ds))], ds.labels, size, transform)
-
-    def with_transform(self, indices=None, transform=None) -> "PreloadedImages":
-        idx = range(len(self.images)) if indices is None else [int(i) for i in indices]
-        return PreloadedImages([self.images[i] for i in idx], self.labels[list(idx)], self.size, transform)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        x = self.images[i]
-        x = self.transform(x) if self.transform is not None else _Resize(self.size)(x)
-        return x.clamp(0.0, 1.0).contiguous(), int(self.labels[i])
-
-
-@dataclass
-class LabeledSplits:
-    """The three splits of a labeled set, decoded once; ``train`` is the full training split."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    classes: list
-    train_labels: np.ndarray
-    source: str
-
-
-def _split_lists_arg(split_lists: Mapping[str, Sequence[str]]):
-    return {k: list(v) for k, v in split_lists.items()} or None
-
-
-def load_splits(config: FinetuneConfig) -> LabeledSplits:
-    """Load ``config.data`` (CSV, class folders, MedMNIST npz) into train/val/test."""
-    from ..data.labeled import load_labeled
-
-    if not config.data:
-        raise FinetuneError("no labeled data given (--data PATH: a CSV, a class-folder root or a MedMNIST .npz)")
-    if not os.path.exists(config.data):
-        raise FinetuneError(f"--data {config.data}: no such file or directory")
-    for split, files in config.split_lists.items():
-        for f in files:
-            if not os.path.isfile(f):
-                raise FinetuneError(f"--split-list {split}={f}: no such file")
-    kwargs = dict(size=config.image_size, channels=1, intensity=config.intensity)
-    path = Path(config.data)
-    if path.is_dir():
-        kwargs.update(split_lists=_split_lists_arg(config.split_lists), patient_regex=config.patient_regex,
-                      seed=config.split_seed)
-    elif path.suffix.lower() == ".csv":
-        kwargs.update(seed=config.split_seed)
-    try:
-        splits = load_labeled(config.data, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise FinetuneError(f"--data {config.data}: {exc}") from None
-    for name in ("train", "val", "test"):
-        if len(splits[name]) == 0:
-            raise FinetuneError(f"--data {config.data}: the {name} split is empty")
-    train = splits["train"]
-    preload = config.preload
-    if preload not in ("auto", "yes", "no"):
-        raise FinetuneError(f"--preload {preload}: choose auto, yes or no")
-    if preload == "auto":
-        first = train.image(0)
-        total = sum(len(splits[s]) for s in splits) * first.size * 4
-        preload = "yes" if total < 2 * 1024**3 else "no"
-    if preload == "yes":
-        parts = {s: PreloadedImages.from_dataset(splits[s], config.image_size) for s in ("train", "val", "test")}
-    else:
-        parts = {s: splits[s] for s in ("train", "val", "test")}
-    return LabeledSplits(parts["train"], parts["val"], parts["test"], list(train.classes),
-                         np.asarray(train.labels), os.path.abspath(config.data))
-
-
-def positive_index(config: FinetuneConfig, classes: Sequence[str]) -> int:
-    """Index of the positive class of a binary task (precision, recall, F1, AUC are of that class)."""
-    if config.positive_class is None:
-        return 1
-    if len(classes) != 2:
-        raise FinetuneError(f"--positive-class is for binary tasks; this one has {len(classes)} classes")
-    names = [str(c) for c in classes]
-    if str(config.positive_class) in names:
-        return names.index(str(config.positive_class))
-    if str(config.positive_class) in ("0", "1"):
-        return int(config.positive_class)
-    raise FinetuneError(f"--positive-class {config.positive_class}: not a class of this set ({', '.join(names)})")
-
-
-def _train_view(train: Dataset, indices: np.ndarray, transform) -> Dataset:
-    if isinstance(train, PreloadedImages):
-        return train.with_transform(indices, transform)
-    return train.subset(indices, transform=transform)
-
-
-def select_fraction(config: FinetuneConfig, train_labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Indices of the training images for ``config.fraction`` (all of them without one)."""
-    from ..data.splits import nested_fractions, read_fractions
-
-    n = len(train_labels)
-    if config.fraction is None:
-        return 1.0, np.arange(n)
-    f = float(config.fraction)
-    if not 0.0 < f <= 1.0:
-        raise FinetuneError(f"--fraction {config.fraction}: must lie in (0, 1]")
-    if config.fractions_file is None:
-        if math.isclose(f, 1.0):
-            return 1.0, np.arange(n)
-        return f, nested_fractions(train_labels, [f], seed=config.fraction_seed)[f]
-    if not os.path.isfile(config.fractions_file):
-        raise FinetuneError(f"--fractions-file {config.fractions_file}: no such file")
-    try:
-        subsets = read_fractions(config.fractions_file, labels=train_labels)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise FinetuneError(f"--fractions-file {config.fractions_file}: {exc}") from None
-    for key, idx in subsets.items():
-        if math.isclose(key, f, rel_tol=0, abs_tol=1e-9):
-            return key, np.asarray(idx, dtype=np.int64)
-    if math.isclose(f, 1.0):
-        return 1.0, np.arange(n)
-    raise FinetuneError(f"--fraction {config.fraction} is not in {config.fractions_file}; "
-                        f"it holds {', '.join(f'{k:g}' for k in sorted(subsets))}")
-
-
 # ---------------------------------------------------------------- training
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FinetuneError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
-    return device
-
 
 class _InputAdapter(nn.Module):
     """Grey (B, 1, H, W) in [0, 1] to what the backbone expects: channels copied, normalised."""
@@ -495,13 +266,6 @@ def recalibrate_bn(model, adapter, loader, device, amp=False) -> None:
         m.train(training)
 
 
-def recalibration_view(train: Dataset, indices: np.ndarray, count: int, seed: int) -> Dataset:
-    """``count`` of the run's training images, fixed for the run, with the evaluation transform."""
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(indices, size=min(count, len(indices)), replace=False))
-    return _train_view(train, chosen, None)
-
-
 def make_adam(model: nn.Module, config: FinetuneConfig, device: torch.device) -> torch.optim.Adam:
     """Adam with L2 weight decay (the paper's); the fused kernel where this torch has it (same math, faster)."""
     params = list(model.parameters())
@@ -511,18 +275,8 @@ def make_adam(model: nn.Module, config: FinetuneConfig, device: torch.device) ->
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: str | os.PathLike, doc) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    write_json(path, _json_safe(doc), indent=1, allow_nan=False)
 
 
 def _json_safe(obj):
@@ -554,34 +308,69 @@ def _loader(ds, batch_size, shuffle, workers, device, generator=None, drop_last=
                       drop_last=drop_last, pin_memory=device.type == "cuda")
 
 
+def _check_out(out: Path, config: FinetuneConfig, overwrite: bool) -> None:
+    """Refuse an OUT that cannot be written, or that holds a finished run, unless ``overwrite``."""
+    try:
+        check_output_dir(out, "--out")
+    except OutputError as exc:
+        raise FinetuneError(str(exc)) from None
+    finished = out / METRICS_FILE
+    if overwrite or not finished.is_file():
+        return
+    try:
+        saved = json.loads(finished.read_text(encoding="utf-8"))["config"]
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        ours = _fingerprint(config)
+        other = _fingerprint(dataclasses.replace(FinetuneConfig(), **{k: v for k, v in saved.items() if k in names}))
+        changed = sorted(k for k in set(ours) | set(other) if json.dumps(ours.get(k)) != json.dumps(other.get(k)))
+    except (OSError, ValueError, KeyError, TypeError):
+        changed = None
+    what = ("this run" if changed == [] else f"a run with other settings ({', '.join(changed)})" if changed
+            else "a finished run")
+    raise FinetuneError(f"{out} already holds {what} ({METRICS_FILE}); choose another --out, or pass --overwrite "
+                        f"to replace it")
+
+
+def _read_resume_state(path: Path, fingerprint: dict) -> dict:
+    try:
+        state = read_file(path)
+    except CheckpointError as exc:
+        raise FinetuneError(f"{exc}; delete it to start the run afresh") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise FinetuneError(f"{path.parent} holds an interrupted run with other settings; "
+                            f"use another --out or delete {path}")
+    return state
+
+
 def run_finetune(
     config: FinetuneConfig,
     out_dir: str | os.PathLike,
     splits: LabeledSplits | None = None,
     log: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune, select on validation accuracy, test; write and return ``OUT/metrics.json``.
 
-    Resumes from ``OUT/last.pt`` when an interrupted run with the same settings left one.
-    ``splits`` lets a sweep decode the labeled set once for many runs.
+    Resumes from ``OUT/last.pt`` when an interrupted run with the same settings left one. An OUT
+    that holds a finished run is refused unless ``overwrite``. ``splits`` lets a sweep decode the
+    labeled set once for many runs; its notes (classes with few images) are then the sweep's to show.
     """
     log = log or (lambda msg: None)
     start = time.perf_counter()
     out = Path(out_dir)
-    if config.epochs < 1:
-        raise FinetuneError(f"--epochs must be at least 1, got {config.epochs}")
-    if config.freeze_epochs < 0 or config.batch_size < 1 or config.lr <= 0 or config.bn_recalibrate < 0:
-        raise FinetuneError("--freeze-epochs must be >= 0, --batch-size >= 1, --lr > 0 and --bn-recalibrate >= 0")
+    config.validate()
     device = resolve_device(config.device)
+    _check_out(out, config, overwrite)
     if splits is None:
         splits = load_splits(config)
+        for note in splits.notes:
+            log(f"warning: {note}")
     fraction, indices = select_fraction(config, splits.train_labels)
     if len(indices) < 2:
         raise FinetuneError(f"fraction {fraction:g} leaves {len(indices)} training image(s); at least 2 are needed")
     num_classes = len(splits.classes)
     positive = positive_index(config, splits.classes)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
+    seed_everything(config.seed)
     model, info = build_model(config, num_classes)
     mean, std = _normalization(config, info, info["in_chans"])
     adapter = _InputAdapter(info["in_chans"], mean, std).to(device)
@@ -590,8 +379,9 @@ def run_finetune(
         model.to(memory_format=torch.channels_last)
     name = config.name or (info.get("method") or "pretrained")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # of a checkpoint write that was killed
 
-    train_ds = _train_view(splits.train, indices, _augmentation(config.augment, config.image_size))
+    train_ds = train_view(splits.train, indices, training_augmentation(config.augment, config.image_size))
     generator = torch.Generator().manual_seed(config.seed)
     drop_last = len(train_ds) > config.batch_size and len(train_ds) % config.batch_size == 1
     train_loader = _loader(train_ds, config.batch_size, True, config.workers, device, generator, drop_last)
@@ -610,10 +400,7 @@ def run_finetune(
     fingerprint = _fingerprint(config)
     last_path = out / LAST_FILE
     if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise FinetuneError(f"{out} holds an interrupted run with other settings; "
-                                f"use another --out or delete {last_path}")
+        state = _read_resume_state(last_path, fingerprint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
@@ -643,8 +430,8 @@ def run_finetune(
             f"val_acc {val_acc:.4f}{' [frozen]' if frozen else ''}{' *' if improved else ''} ({seconds:.1f} s)")
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
             if improved:
-                _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
-            _atomic_torch_save({
+                save_atomic({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+            save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "history": history, "best": best, "best_state": best_state, "fingerprint": fingerprint,
                 "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
@@ -667,7 +454,7 @@ def run_finetune(
         "n_train_full": int(len(splits.train_labels)),
         "n_val": int(len(y_val)),
         "n_test": int(len(y_test)),
-        "train_indices_sha": _indices_hash(indices),
+        "train_indices_sha": indices_hash(indices),
         "seed": config.seed,
         "best_epoch": best["epoch"] + 1,
         "val": classification_metrics(y_val, p_val, num_classes, positive),
@@ -678,7 +465,7 @@ def run_finetune(
         "seconds": time.perf_counter() - start,
     }
     if config.keep_model:
-        _atomic_torch_save({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
+        save_atomic({"model": best_state, "info": info, "classes": splits.classes}, out / BEST_FILE)
     else:
         (out / BEST_FILE).unlink(missing_ok=True)
     write_json_atomic(out / METRICS_FILE, result)
@@ -686,11 +473,11 @@ def run_finetune(
     return result
 
 
-def _indices_hash(indices: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
 def copy_config(config: FinetuneConfig, **changes) -> FinetuneConfig:
     return dataclasses.replace(copy.deepcopy(config), **changes)
+
+
+__all__ = ["FinetuneConfig", "FinetuneError", "PRESETS", "make_config", "copy_config", "run_finetune", "read_backbone",
+           "build_model", "infer_arch", "train_one_epoch", "predict", "recalibrate_bn", "load_splits",
+           "select_fraction", "positive_index", "recalibration_view", "LabeledSplits", "PreloadedImages",
+           "METRICS_FILE", "BEST_FILE", "LAST_FILE", "write_json_atomic"]

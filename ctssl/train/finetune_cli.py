@@ -15,7 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from .finetune import PRESETS, FinetuneConfig, FinetuneError, make_config, run_finetune
+from ..atomic import describe_os_error
+from .config import FINETUNE_PRESETS as PRESETS
+from .config import ConfigError, FinetuneConfig, FinetuneError, finetune_config
 
 PROG = "ctssl-finetune"
 
@@ -103,7 +105,7 @@ def config_from_args(args: argparse.Namespace, **fixed) -> FinetuneConfig:
         workers=args.workers, amp=args.amp, preload=args.preload, bn_recalibrate=args.bn_recalibrate,
     )
     overrides.update(fixed)
-    return make_config(args.preset, **overrides)
+    return finetune_config(args.preset, **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fractions-file", default=None, metavar="PATH",
                         help="nested fractions JSON (ctssl.data.splits) so every method uses the same images")
     parser.add_argument("--no-save-model", action="store_true", help="do not keep OUT/best.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-epoch lines")
     add_data_arguments(parser)
     add_training_arguments(parser)
@@ -135,10 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_threads(args)
         config = config_from_args(args, init=args.init, name=args.name, seed=args.seed, fraction=args.fraction,
                                   fractions_file=args.fractions_file, keep_model=not args.no_save_model)
-        result = run_finetune(config, args.out, log=None if args.quiet else print)
-    except FinetuneError as exc:
+        from .finetune import run_finetune
+
+        result = run_finetune(config, args.out, log=None if args.quiet else print, overwrite=args.overwrite)
+    except ConfigError as exc:  # FinetuneError, a bad --device, a corrupt checkpoint
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except FloatingPointError as exc:
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
         return 1

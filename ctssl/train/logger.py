@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import open_atomically
+
 LOG_FILE = "log.jsonl"
 
 
@@ -42,13 +44,9 @@ def truncate_log(path: str | os.PathLike, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_log(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomically(path) as f:
         for record in kept:
             f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -69,8 +67,12 @@ class RunLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except Exception as exc:  # tensorboard is optional
-                self.tensorboard_reason = f"TensorBoard disabled: {exc}"
+            except ImportError:  # tensorboard is optional: ctssl[tensorboard]
+                self.tensorboard_reason = ("TensorBoard is not installed (pip install tensorboard): "
+                                           "logging to log.jsonl only")
+            except Exception as exc:
+                self.tensorboard_reason = f"TensorBoard disabled ({type(exc).__name__}: {exc}): logging to " \
+                                          f"log.jsonl only"
             else:
                 self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
@@ -85,11 +87,11 @@ class RunLogger:
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"pretrain/{key}", value, step)
 
-    def event(self, message: str, **values: Any) -> None:
-        """A non-step record (start, resume, end), also in log.jsonl with ``event`` set."""
+    def event(self, kind: str, /, **values: Any) -> None:
+        """A non-step record (start, resume, note, end) in log.jsonl: ``{"event": kind, **values}``."""
         if not self.enabled:
             return
-        record = {"event": message, **{k: _jsonable(v) for k, v in values.items()}, "time": time.time()}
+        record = {"event": kind, **{k: _jsonable(v) for k, v in values.items()}, "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import OutputError, check_output_dir, copy_file, remove_stale_temps, write_text
 from . import checkpoint as ckpt_io
 from .checkpoint import FINAL, FORMAT, LAST, VERSION, CheckpointError, load_checkpoint, save_atomic
 from .config import TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
@@ -194,9 +194,15 @@ class _Run:
         self.device = ctx.device
 
         # ---- every check that can fail on user input, before anything is written ----
+        try:
+            check_output_dir(self.out, "--out")
+        except OutputError as exc:
+            raise ConfigError(str(exc)) from None
         self.resumed = load_checkpoint(resume_path) if resume_path is not None else None
+        self.last_good: tuple[Path, int] | None = None  # a checkpoint known to hold finite state, and its step
         if self.resumed is not None:
             self._check_compatible(self.resumed, resume_path)
+            self.last_good = (resume_path, int(self.resumed["step"]))
         self.store = open_store(cfg)
         self.plan = make_plan(cfg, len(self.store), ctx.world_size)
         from ctssl.sparse import get_backend
@@ -231,6 +237,7 @@ class _Run:
         cfg, ctx, plan = self.cfg, self.ctx, self.plan
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)  # of a checkpoint write that was killed
         barrier(ctx)
 
         method = self.method
@@ -281,13 +288,18 @@ class _Run:
         model = wrap_ddp(method, ctx, cfg.find_unused_parameters)
         model.train()
         progress = Progress(plan.total_steps, step, enabled=ctx.is_main and cfg.progress)
+        if ctx.is_main and logger.tensorboard_reason and cfg.tensorboard:
+            progress.write(f"ctssl-train: {logger.tensorboard_reason}")
+        too_large = cpu_warning(cfg, plan, self.device)
+        if ctx.is_main and too_large:
+            progress.write(f"ctssl-train: {too_large}")
         if ctx.is_main and cfg.progress:
             amp = "off" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
             progress.write(f"{cfg.method} {cfg.arch}: {plan.dataset_len} images, {plan.steps_per_epoch} steps/epoch, "
                            f"{plan.total_steps} steps, global batch {plan.global_batch} on {ctx.world_size} "
                            f"process(es), peak lr {plan.peak_lr:.3g}, {self.device}, backend {cfg.backend}, "
                            f"amp {amp}" + (f"; resuming at step {step}" if step else ""))
-        window = _Window(self.device)
+        window = self.window = _Window(self.device)
         try:
             while step < plan.total_steps:
                 if batch_in_epoch >= plan.steps_per_epoch:
@@ -316,7 +328,7 @@ class _Run:
                 break
             final = self._save(FINAL, method, optimizer, schedule, scaler, sampler, step, epoch, batch_in_epoch)
             if ctx.is_main:
-                _copy_atomic(final, self.out / LAST)
+                copy_file(final, self.out / LAST)
                 if vis_batch is not None and step % cfg.vis_every != 0:
                     self._visualize(method, vis_batch, step, collective=False)
                 plot_loss_curve(self.out / LOG_FILE, self.out / LOSS_CURVE, title=f"{cfg.method} pre-training loss")
@@ -357,8 +369,7 @@ class _Run:
         means, nonfinite, steps, seconds = window.flush(self.ctx)
         if nonfinite:
             raise TrainingError(f"the loss became NaN or infinite between steps {step - steps + 1} and {step}; "
-                                f"lower the learning rate or check the data (last good checkpoint: "
-                                f"{self.out / LAST})")
+                                f"lower the learning rate or check the data ({self._last_good_text()})")
         record = {"epoch": epoch, "lr": lr, "weight_decay": wd, **means,
                   "images_per_s": self.plan.global_batch * steps / max(seconds, 1e-9)}
         logger.log(step, record)
@@ -393,14 +404,17 @@ class _Run:
     def _write_config(self) -> None:
         text = json.dumps({"config": dataclasses.asdict(self.cfg), "plan": dataclasses.asdict(self.plan),
                            "world_size": self.ctx.world_size}, indent=2, default=str)
-        tmp = self.out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / CONFIG_FILE)
+        write_text(self.out / CONFIG_FILE, text + "\n")
 
     # ------------------------------------------------------------------------------------------
     def _save(self, name: str, method, optimizer, schedule: TrainingSchedule, scaler, sampler, step: int,
               epoch: int, batch_in_epoch: int) -> Path:
-        """Checkpoint ``name`` atomically (rank 0); every rank contributes its RNG state."""
+        """Checkpoint ``name`` atomically (rank 0); every rank contributes its RNG state.
+
+        Non-finite state is never saved: the loss is checked only every ``log_every`` steps, so the
+        losses since the last log and the weights are checked here first.
+        """
+        self._check_finite(method, step)
         if batch_in_epoch >= self.plan.steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         rngs = all_gather_object(self.ctx, rng_state())
@@ -418,7 +432,22 @@ class _Run:
             }
             save_atomic(state, path)
         barrier(self.ctx)
+        self.last_good = (path, step)
         return path
+
+    def _check_finite(self, method, step: int) -> None:
+        """TrainingError (on every rank alike) once the loss since the last log or the weights are NaN or inf."""
+        finite = self.window.finite() and bool(torch.stack(
+            [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]).all())
+        if mean_across_ranks(self.ctx, torch.tensor([0.0 if finite else 1.0], device=self.device)).item() > 0:
+            raise TrainingError(f"the loss or the weights became NaN or infinite by step {step}; lower the learning "
+                                f"rate or check the data ({self._last_good_text()})")
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written before it"
+        path, step = self.last_good
+        return f"last good checkpoint: {path} (step {step})"
 
     def _restore(self, saved: dict, method, optimizer, schedule: TrainingSchedule, scaler):
         notes: list[str] = []
@@ -453,6 +482,23 @@ class _Run:
         return True
 
 
+# forward+backward cost of each encoder relative to ResNet-50 (their forward GFLOPs at 224 px: 1.8, 3.6, 4.1, 7.8, 11.5)
+_ARCH_COST = {"resnet18": 0.45, "resnet34": 0.9, "resnet50": 1.0, "resnet101": 1.9, "resnet152": 2.8}
+CPU_IMAGE_BUDGET = 20_000
+"""Images (in ResNet-50 / 224 px equivalents) beyond which a CPU run gets a warning: hours at least."""
+
+
+def cpu_warning(cfg: PretrainConfig, plan: RunPlan, device: torch.device) -> str | None:
+    """A warning for a run sized for a GPU (the ``paper`` preset) that is about to start on the CPU."""
+    if device.type != "cpu":
+        return None
+    images = plan.total_steps * plan.global_batch * (cfg.image_size / 224) ** 2 * _ARCH_COST.get(cfg.arch, 1.0)
+    if images < CPU_IMAGE_BUDGET:
+        return None
+    return (f"warning: this run ({cfg.arch}, {cfg.image_size} px, {plan.total_steps} steps of {plan.global_batch} "
+            f"images) is sized for a GPU and will take very long on the CPU; for a CPU demo use --preset toy")
+
+
 def method_has_visualize(method) -> bool:
     return type(method).visualize is not getattr(_base_method_class(), "visualize", None)
 
@@ -478,6 +524,10 @@ class _Window:
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.steps += 1
 
+    def finite(self) -> bool:
+        """Whether every summed output since the last flush is finite (one host sync)."""
+        return not self.sums or bool(torch.isfinite(torch.stack(list(self.sums.values()))).all())
+
     def flush(self, ctx: DistContext) -> tuple[dict[str, float], bool, int, float]:
         keys = sorted(self.sums)
         values = torch.stack([self.sums[k] for k in keys]) / max(1, self.steps)
@@ -487,23 +537,6 @@ class _Window:
         steps, seconds = self.steps, time.perf_counter() - self.start
         self.sums, self.steps, self.start = {}, 0, time.perf_counter()
         return means, nonfinite, steps, seconds
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes a complete copy of ``src`` (a hard link where the file system allows)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_run_config(path: str | os.PathLike) -> PretrainConfig:

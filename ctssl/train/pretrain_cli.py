@@ -47,18 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "toy: ResNet-18, 64 px, 20 steps on the CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field (repeatable), e.g. --set warmup_epochs=10 --set hparams.temperature=0.2")
-    p.add_argument("--arch", choices=ARCHS)
-    p.add_argument("--in-chans", type=int, choices=(1, 3))
+    p.add_argument("--arch", choices=ARCHS, help="ResNet encoder (paper preset: resnet50; toy: resnet18)")
+    p.add_argument("--in-chans", type=int, choices=(1, 3),
+                   help="encoder input channels: 3 (grey CT copied to RGB, as the paper fine-tunes) or 1")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int)
+    length.add_argument("--epochs", type=int, help="passes over the data (paper preset: the method's, e.g. 1600)")
     length.add_argument("--steps", type=int, help="stop after this many optimizer steps (schedules span them)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32")
     p.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     p.add_argument("--mask-ratio", type=float, help="SparK's mask ratio (default 0.6)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"))
+    p.add_argument("--seed", type=int, help="seed of the weights, the data order, augmentations and masks (default 0)")
+    p.add_argument("--device", choices=DEVICES, help="auto (default): the GPU when there is one, else the CPU")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision: auto (default) is bf16 autocast on a GPU and none on the CPU; fp16 "
+                        "needs a GPU")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help=f"continue from PATH (default OUT/{LAST})")
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
+    from ctssl.atomic import describe_os_error
+    from ctssl.data.store import StoreError
     from ctssl.sparse import BackendUnavailableError
 
     from .pretrain import TrainingError, export_backbone, run_pretraining
@@ -142,11 +147,14 @@ def main(argv=None) -> int:
         final = run_pretraining(cfg, resume=resume_path, overwrite=args.overwrite)
         if args.export and _is_main_rank():
             export_backbone(final, args.export)
-    except (ConfigError, CheckpointError, BackendUnavailableError) as exc:
+    except (ConfigError, CheckpointError, BackendUnavailableError, StoreError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"{PROG}: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; resume with --resume", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import open_atomically, replace_atomically, write_text
 from .metrics import METRIC_NAMES
 
 RUNS_DIR = "runs"
@@ -263,14 +264,12 @@ def _pm(mean: float, std: float, pct: bool = False) -> str:
 
 
 def _write_csv(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open_atomically(path, "w", newline="") as f:
         if rows:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def _frac_label(f: float) -> str:
@@ -335,10 +334,11 @@ def plot_metric(rows: Sequence[dict], metric: str, path: Path, ylabel: str | Non
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replace_atomically(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(
@@ -407,9 +407,7 @@ def write_report(
         lines += [f"![relative drop](relative_drop_{primary}.png)", ""]
     lines += ["Files: results.csv (every run), summary.csv (this table), relative_drop.csv (every metric).", ""]
     summary = out / "summary.md"
-    tmp = summary.with_name("summary.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, summary)
+    write_text(summary, "\n".join(lines))
     pool = [r for r in ranking if r["method"] != RANDOM_NAME and r["method"] not in excluded]
     return {"dir": str(out), "summary_md": str(summary), "plots": plots, "verdict": verdict,
             "most_robust": pool[0]["method"] if pool else None, "ranking": ranking, "n_runs": len(records)}

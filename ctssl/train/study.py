@@ -6,11 +6,11 @@
 Stages, each skipped on a rerun when its output exists (so an interrupted study resumes):
 1. ``data``: synthetic chest CT phantoms (``ctssl.data.make_synthetic_ct``): a DICOM tree for
    pre-training and a labeled nodule / no-nodule set (PNG + labels.csv, other patients);
-2. ``store``: ``ctssl-prepare`` of the DICOM tree into a slice store;
-3. ``pretrain``: ``ctssl-train`` of SparK and contrastive methods on the store (``OUT/pretrain/<method>``;
-   an interrupted run is resumed from its last checkpoint);
-4. ``sweep``: ``ctssl-sweep``: every backbone and a random-init baseline x label fractions x seeds,
-   fine-tuned on the same nested label subsets; then the report in ``OUT/sweep/report``.
+2. ``store``: ``prepare_store`` (what ``ctssl-prepare`` runs) of the DICOM tree into a slice store;
+3. ``pretrain``: ``run_pretraining`` (``ctssl-train``) of SparK and contrastive methods on the store
+   (``OUT/pretrain/<method>``; an interrupted run is resumed from its last checkpoint);
+4. ``sweep``: ``run_sweep`` (``ctssl-sweep``): every backbone and a random-init baseline x label
+   fractions x seeds, fine-tuned on the same nested label subsets; then the report in ``OUT/sweep/report``.
 
 At toy scale the pre-training is seconds long, so the numbers show that the pipeline works, not
 the paper's finding. The paper's real setting, with the same tools::
@@ -46,6 +46,7 @@ copied to 3 channels, best validation accuracy tested). Each sweep writes ``OUT/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,9 +68,9 @@ class StudyPreset:
     methods: tuple[str, ...]
     pretrain_preset: str  # ctssl-train --preset
     pretrain_steps: int
-    pretrain_args: tuple[str, ...]  # extra ctssl-train flags
+    pretrain_settings: dict  # PretrainConfig fields over the preset's
     finetune_preset: str  # ctssl-finetune / ctssl-sweep --preset
-    finetune_args: tuple[str, ...]
+    finetune_settings: dict  # FinetuneConfig fields over the preset's
     fractions: tuple[float, ...]
     seeds: tuple[int, ...]
     device: str = "cpu"
@@ -80,21 +81,21 @@ PRESETS: dict[str, StudyPreset] = {
     # seconds: for the test suite
     "test": StudyPreset(patients=2, slices=4, phantom_size=64, labeled_patients=6, labeled_slices=4,
                         methods=("spark", "byol"), pretrain_preset="toy", pretrain_steps=1,
-                        pretrain_args=("--batch-size", "4"),
-                        finetune_preset="test", finetune_args=("--epochs", "1"), fractions=(0.5, 1.0), seeds=(0,),
+                        pretrain_settings={"batch_size": 4},
+                        finetune_preset="test", finetune_settings={"epochs": 1}, fractions=(0.5, 1.0), seeds=(0,),
                         threads=1),
     # about ten minutes on a 2-core CPU. One thread: batches this small gain little from a second
     # one, and lose several times over when the cores are shared with other work.
     "toy": StudyPreset(patients=8, slices=16, phantom_size=128, labeled_patients=24, labeled_slices=16,
                        methods=("spark", "mocov2", "byol"), pretrain_preset="toy", pretrain_steps=20,
-                       pretrain_args=(), finetune_preset="toy", finetune_args=(),
+                       pretrain_settings={}, finetune_preset="toy", finetune_settings={},
                        fractions=(0.1, 0.3, 1.0), seeds=(0, 1), threads=1),
     # one GPU: ResNet-50 at 224 px, the paper's four methods and fine-tuning protocol (shorter)
     "gpu": StudyPreset(patients=64, slices=64, phantom_size=256, labeled_patients=96, labeled_slices=24,
                        methods=("spark", "swav", "mocov2", "byol"), pretrain_preset="paper", pretrain_steps=2000,
-                       pretrain_args=("--arch", "resnet50", "--image-size", "224", "--workers", "8"),
-                       finetune_preset="paper", finetune_args=("--epochs", "30", "--freeze-epochs", "5",
-                                                               "--workers", "8", "--amp"),
+                       pretrain_settings={"arch": "resnet50", "image_size": 224, "workers": 8},
+                       finetune_preset="paper", finetune_settings={"epochs": 30, "freeze_epochs": 5, "workers": 8,
+                                                                   "amp": True},
                        fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=(0, 1, 2), device="cuda"),
 }
 
@@ -146,32 +147,48 @@ def stage_data(paths: StudyPaths, preset: StudyPreset, seed: int, log: Callable[
 
 
 def stage_store(paths: StudyPaths, log: Callable[[str], None]) -> None:
-    """ctssl-prepare (itself resumable: finished series are skipped)."""
-    from ctssl.data.prepare import main as prepare_main
+    """``prepare_store`` (itself resumable: finished series are skipped); stops the study when a series failed."""
+    from ..atomic import OutputError
+    from ..data.prepare import UsageError, failure_message, prepare_store
 
     t0 = time.perf_counter()
-    code = prepare_main([str(paths.data / "dicom"), str(paths.store), "--workers", "1", "--no-progress", "--quiet"])
-    if code:
-        raise StudyError(f"ctssl-prepare failed with exit code {code}", code)
+    try:
+        report = prepare_store(paths.data / "dicom", paths.store, workers=1, progress=False)
+    except UsageError as exc:
+        raise StudyError(f"preparing the store: {exc}", 2) from None
+    except OutputError as exc:
+        raise StudyError(f"preparing the store: {exc}", 1) from None
+    if report.series_failed:
+        raise StudyError(failure_message(report), 1)
     log(f"store: {paths.store} ({time.perf_counter() - t0:.1f} s)")
 
 
-def pretrain_argv(paths: StudyPaths, preset: StudyPreset, method: str, args) -> list[str]:
+def pretrain_config(paths: StudyPaths, preset: StudyPreset, method: str, args):
+    """The run of ``method``: the preset's settings, or an interrupted run's own (and its checkpoint)."""
+    from .checkpoint import LAST
+    from .config import apply_values, preset_values
+    from .pretrain import PretrainConfig, load_run_config
+
     out = paths.pretrain / method
-    if (out / "checkpoint_last.pt").is_file():  # an interrupted run: continue it
-        return ["--out", str(out), "--resume", "--no-progress"]
-    argv = ["--method", method, "--preset", preset.pretrain_preset, "--data", str(paths.store), "--out", str(out),
-            "--steps", str(args.pretrain_steps or preset.pretrain_steps), "--seed", str(args.seed),
-            "--device", args.device or preset.device, "--no-progress", *preset.pretrain_args]
+    if (out / LAST).is_file():  # an interrupted run: continue it
+        return dataclasses.replace(load_run_config(out / LAST), progress=False), out / LAST
+    values = {**preset_values(preset.pretrain_preset, method), "data": str(paths.store), "out": str(out),
+              "max_steps": args.pretrain_steps or preset.pretrain_steps, "seed": args.seed,
+              "device": args.device or preset.device, "progress": False, **preset.pretrain_settings}
     if args.backend and method == "spark":
-        argv += ["--backend", args.backend]
-    return argv
+        values["backend"] = args.backend
+    return apply_values(PretrainConfig(), values, f"study preset {args.preset}").validate(), None
 
 
 def stage_pretrain(paths: StudyPaths, preset: StudyPreset, methods: Sequence[str], args,
                    log: Callable[[str], None]) -> dict[str, Path]:
-    """ctssl-train for every method whose final checkpoint is missing."""
-    from .pretrain_cli import main as train_main
+    """``run_pretraining`` of every method whose final checkpoint is missing."""
+    from ..atomic import OutputError
+    from ..data.store import StoreError
+    from ..sparse import BackendUnavailableError
+    from . import pretrain
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
 
     checkpoints = {}
     for method in methods:
@@ -180,10 +197,13 @@ def stage_pretrain(paths: StudyPaths, preset: StudyPreset, methods: Sequence[str
             log(f"pretrain {method}: {final} exists, skipped")
         else:
             t0 = time.perf_counter()
-            argv = pretrain_argv(paths, preset, method, args)
-            code = train_main(argv)
-            if code or not final.is_file():
-                raise StudyError(f"ctssl-train {' '.join(argv)} failed (exit code {code})", code or 1)
+            try:
+                cfg, resume = pretrain_config(paths, preset, method, args)
+                pretrain.run_pretraining(cfg, resume=resume)
+            except (ConfigError, CheckpointError, BackendUnavailableError, StoreError) as exc:
+                raise StudyError(f"pre-training {method}: {exc}", 2) from None
+            except (pretrain.TrainingError, OutputError) as exc:
+                raise StudyError(f"pre-training {method} stopped: {exc}", 1) from None
             log(f"pretrain {method}: {final} ({time.perf_counter() - t0:.1f} s)")
         checkpoints[method] = final
     return checkpoints
@@ -191,17 +211,24 @@ def stage_pretrain(paths: StudyPaths, preset: StudyPreset, methods: Sequence[str
 
 def stage_sweep(paths: StudyPaths, preset: StudyPreset, checkpoints: dict[str, Path], args,
                 log: Callable[[str], None]) -> int:
-    from .sweep import main as sweep_main
+    """``run_sweep`` of every backbone and the random baseline; 1 when a cell failed."""
+    from ..atomic import OutputError
+    from .config import ConfigError, finetune_config
+    from .sweep import print_summary, run_sweep
 
-    argv = ["--data", str(paths.labels_csv), "--out", str(paths.sweep), "--preset", preset.finetune_preset,
-            "--pretrained", *[f"{m}={p}" for m, p in checkpoints.items()],
-            "--fractions", *[f"{f:g}" for f in (args.fractions or preset.fractions)],
-            "--seeds", *[str(s) for s in (args.seeds or preset.seeds)],
-            "--device", args.device or preset.device, *preset.finetune_args]
     t0 = time.perf_counter()
-    code = sweep_main(argv)
+    try:
+        base = finetune_config(preset.finetune_preset, data=str(paths.labels_csv),
+                               device=args.device or preset.device, keep_model=False, **preset.finetune_settings)
+        result = run_sweep(base, paths.sweep, {m: str(p) for m, p in checkpoints.items()},
+                           args.fractions or preset.fractions, args.seeds or preset.seeds)
+    except ConfigError as exc:
+        raise StudyError(f"sweep: {exc}", 2) from None
+    except OutputError as exc:
+        raise StudyError(f"sweep: {exc}", 1) from None
+    print_summary(result)
     log(f"sweep: {paths.sweep} ({time.perf_counter() - t0:.1f} s)")
-    return code
+    return 1 if result["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

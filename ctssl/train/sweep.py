@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..atomic import describe_os_error
 from ..data.splits import nested_fractions, read_fractions, write_fractions
 from . import finetune as ft
+from .config import ConfigError
 from .finetune_cli import add_data_arguments, add_training_arguments, apply_threads, config_from_args
 from .metrics import METRIC_NAMES
 from .report import RANDOM_NAME, REPORT_DIR, RUNS_DIR, write_report
@@ -181,8 +183,9 @@ def run_sweep(
                                 init=methods[method], name=method, seed=seed, fraction=fraction,
                                 fractions_file=str(ff_path))
         t0 = time.perf_counter()
-        try:
-            result = ft.run_finetune(config, target, splits=splits, log=None)
+        cell = f"{method} fraction {fraction:g} seed {seed}"
+        try:  # epoch lines indented under the cell: a long cell shows its progress
+            result = ft.run_finetune(config, target, splits=splits, log=lambda msg, cell=cell: log(f"    {cell}: {msg}"))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one failed cell must not lose the others; it is reported and rerun next time
@@ -238,18 +241,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = config_from_args(args, keep_model=args.keep_models)
         result = run_sweep(base, args.out, pretrained, args.fractions, args.seeds, include_random=not args.no_random,
                            fractions_file=args.fractions_file, primary_metric=args.metric)
-    except ft.FinetuneError as exc:
+    except ConfigError as exc:  # FinetuneError / SweepError, a bad --device
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a lost mount while writing: the files written before stay whole
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
         return 130
+    print_summary(result)
+    return 1 if result["failed"] else 0
+
+
+def print_summary(result: dict) -> None:
+    """What ``run_sweep`` did, its verdict and where the report is (ctssl-sweep's and ctssl-study's last lines)."""
     print(f"{PROG}: {result['trained']} cells trained, {result['skipped']} skipped, {result['failed']} failed "
           f"in {result['seconds']:.1f} s")
     if result["report"]:
         print(result["report"]["verdict"])
         print(f"{PROG}: report in {result['report']['dir']} (summary.md)")
-    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import replace_atomically
 from .logger import read_log
 
 
@@ -50,12 +51,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, columns: int 
     """Write ``image_grid(images)`` as a PNG (temp file + rename, so readers never see half a file)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    Image.fromarray(image_grid(images, columns)).save(tmp)
-    os.replace(tmp, path)
-    return path
+    with replace_atomically(path) as tmp:
+        Image.fromarray(image_grid(images, columns)).save(tmp, format="PNG")
+    return Path(path)
 
 
 def plot_loss_curve(log_path: str | os.PathLike, png_path: str | os.PathLike,
@@ -79,12 +77,9 @@ def plot_loss_curve(log_path: str | os.PathLike, png_path: str | os.PathLike,
         ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=0.8, alpha=0.7, label="lr")
         ax2.set_ylabel("learning rate")
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)
-    return png_path
+    with replace_atomically(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(png_path)
 
 
 __all__ = ["image_grid", "save_image_grid", "plot_loss_curve"]

@@ -5,8 +5,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(intra_op_threads):
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads)
     yield
     torch.set_num_threads(before)

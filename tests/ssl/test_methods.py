@@ -65,7 +65,7 @@ def test_train_transform_output(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_trains_on_a_fixed_batch(name):
+def test_trains_on_a_fixed_batch(name, record_property):
     """Finite scalar loss, gradients reach the backbone, and the loss falls within a few steps."""
     m = tiny_method(name)
     x = images(4)
@@ -94,6 +94,9 @@ def test_trains_on_a_fixed_batch(name):
         opt.step()
         m.after_step(step, STEPS)
         losses.append(loss.item())
+    # same batch, views and masks every step: measured 0.92 (spark) and below 0.61 (the others) on every kernel
+    # set of benchmarks/results/2026-12-02-cpu-dev/portable-tests.md, spread under 0.03
+    record_property("ratio", f"{sum(losses[-3:]) / sum(losses[:3]):.4f}")
     assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
 
 

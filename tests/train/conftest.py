@@ -33,11 +33,17 @@ def one_batch_store(tmp_path_factory) -> Path:
     return _make_store(tmp_path_factory.mktemp("one_batch_store"), 1, 4)
 
 
+@pytest.fixture(scope="session")
+def batch32_store(tmp_path_factory) -> Path:
+    """A prepared store of 32 slices: one global batch of the paper presets' SparK (batch 32)."""
+    return _make_store(tmp_path_factory.mktemp("batch32_store"), 2, 16)
+
+
 @pytest.fixture
-def single_thread():
+def single_thread(intra_op_threads):
     """One intra-op thread: at these sizes threads only add contention on the shared CI cores."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads)
     yield
     torch.set_num_threads(threads)
 

@@ -10,7 +10,8 @@ import torchvision
 from ctssl.train import checkpoint as ckpt_io
 from ctssl.train.checkpoint import (FINAL, LAST, CheckpointError, export_backbone, load_backbone_state_dict,
                                     load_checkpoint, save_atomic)
-from ctssl.train.pretrain import run_pretraining
+from ctssl.train import pretrain
+from ctssl.train.pretrain import TrainingError, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -117,3 +118,75 @@ def test_checkpoint_holds_what_resuming_and_fine_tuning_need(pretrain_store, tin
     assert set(saved["backbone"]) == {k[len("backbone."):] for k in saved["model"] if k.startswith("backbone.")}
     assert saved["sampler"]["batch"] == 1 and saved["sampler"]["epoch"] == 0
     assert set(saved["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+
+
+def _poison_weights_after_step(monkeypatch, bad_step: int) -> None:
+    """From optimizer step ``bad_step`` on, the weights hold NaN (as after a diverging update)."""
+    real_step = pretrain._Run._train_step
+
+    def step_then_poison(self, model, method, optimizer, scaler, batch, step):
+        out = real_step(self, model, method, optimizer, scaler, batch, step)
+        if step + 1 == bad_step:
+            with torch.no_grad():
+                method.backbone.conv1.weight.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(pretrain._Run, "_train_step", step_then_poison)
+
+
+def _finite(state) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("bad_step, last_good", [(2, None), (4, 3)])
+def test_non_finite_state_is_never_checkpointed(bad_step, last_good, pretrain_store, tiny_config, tmp_path,
+                                                monkeypatch):
+    """The loss is checked every log_every=7 steps, checkpoints come every 3: a checkpoint must not save NaN, and
+    the error names the last good checkpoint only when one exists."""
+    out = tmp_path / "run"
+    cfg = tiny_config("spark", pretrain_store, out, max_steps=12, log_every=7, ckpt_every=3)
+    _poison_weights_after_step(monkeypatch, bad_step)
+    with pytest.raises(TrainingError) as info:
+        run_pretraining(cfg)
+    message = str(info.value)
+    assert "NaN or infinite" in message and f"step {((bad_step - 1) // 3 + 1) * 3}" in message
+    if last_good is None:
+        assert not (out / LAST).exists() and "no checkpoint was written" in message and str(out / LAST) not in message
+    else:
+        saved = load_checkpoint(out / LAST)
+        assert saved["step"] == last_good and _finite(saved["model"])
+        assert f"last good checkpoint: {out / LAST} (step {last_good})" in message
+    assert not (out / FINAL).exists()
+
+
+def test_temp_file_of_a_killed_checkpoint_write_is_removed_by_the_next_run(pretrain_store, tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tiny_config("spark", pretrain_store, tmp_path / "run", max_steps=1)
+    run_pretraining(cfg)
+    writer = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that wrote and was killed
+    writer.wait()
+    leftover = tmp_path / "run" / f".{LAST}.tmp-{writer.pid}"
+    leftover.write_bytes(b"PK half a checkpoint")
+    run_pretraining(dataclasses.replace(cfg, max_steps=2), resume=True)
+    assert not leftover.exists()
+
+
+def test_unreadable_files_do_not_pass_on_torchs_advice_to_load_unsafely(tmp_path):
+    import numpy as np
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"weights": np.zeros(3)}, pickled)  # a numpy array: only an unsafe load would read it
+    truncated = tmp_path / "truncated.pt"
+    save_atomic({"w": torch.randn(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    for path, expected in ((garbage, "is corrupt or not a torch file"), (truncated, "is corrupt"),
+                           (pickled, "holds Python objects other than tensors")):
+        with pytest.raises(CheckpointError) as info:
+            load_backbone_state_dict(path)
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message
+        assert "weights_only" not in message and "arbitrary code" not in message

@@ -10,7 +10,7 @@ from ctssl.models import create_resnet, resnet18
 from ctssl.train import finetune as ft
 from ctssl.train.finetune_cli import main as finetune_main
 
-from .bars_data import write_npz
+from .bars_data import write_csv, write_npz
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -267,3 +267,54 @@ def test_positive_class(npz, tmp_path, capsys):
     cfg = _config(npz, positive_class="0")
     assert ft.positive_index(cfg, ["0", "1"]) == 0
     assert ft.positive_index(_config(npz, positive_class="CT_COVID"), ["CT_COVID", "CT_NonCOVID"]) == 0
+
+
+# ---------------------------------------------------------------- labels that cannot train a classifier
+
+def test_stray_labels_are_named_in_a_warning(tmp_path, caplog):
+    labels = ["0", "1"] * 20 + ["maybe", "2"]  # a binary task with two stray labels
+    data = write_csv(tmp_path / "set", labels)
+    splits = ft.load_splits(_config(data))
+    assert splits.classes == ["0", "1", "2", "maybe"]
+    stray = [n for n in splits.notes if "'maybe'" in n or "'2'" in n]
+    assert len(stray) == 2 and all("has only 1 image(s)" in n for n in stray)
+    assert all(note in caplog.text for note in stray)
+
+
+def test_empty_label_or_a_single_class_is_refused(tmp_path, capsys):
+    for name, labels, message in (("empty", ["0", "1"] * 10 + [""], "row(s) have an empty label (first: line 22"),
+                                  ("single", ["tumour"] * 20, "every image has the label 'tumour'")):
+        data = write_csv(tmp_path / name, labels)
+        code, err = _run_cli(capsys, _base_argv(data, tmp_path / name))
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / name / "o").exists()
+
+
+def test_missing_image_in_the_csv_is_named(tmp_path, capsys):
+    data = write_csv(tmp_path / "set", ["0", "1"] * 10)
+    (tmp_path / "set" / "img007.png").unlink()
+    code, err = _run_cli(capsys, _base_argv(data, tmp_path))
+    assert code == 2 and "1 image(s) listed do not exist" in err and "img007.png" in err and "Traceback" not in err
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(npz, tmp_path, capsys):
+    argv = _base_argv(npz, tmp_path) + ["--image-size", "16", "-q"]
+    assert finetune_main(argv) == 0
+    metrics = (tmp_path / "o" / "metrics.json").read_text()
+    code, err = _run_cli(capsys, argv + ["--lr", "0.01"])
+    assert code == 2 and "already holds a run with other settings (lr)" in err and "--overwrite" in err
+    assert (tmp_path / "o" / "metrics.json").read_text() == metrics
+    assert finetune_main(argv + ["--lr", "0.01", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["lr"] == 0.01
+
+
+def test_init_directory_points_at_its_checkpoint(npz, tmp_path, capsys, r18_export):
+    run = tmp_path / "run"
+    run.mkdir()
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", str(run)])
+    assert code == 2 and f"--init {run} is a directory" in err and "no such file" not in err
+    import shutil
+
+    shutil.copy(r18_export, run / "checkpoint_final.pt")
+    code, err = _run_cli(capsys, _base_argv(npz, tmp_path) + ["--init", str(run)])
+    assert code == 2 and f"--init {run / 'checkpoint_final.pt'}" in err

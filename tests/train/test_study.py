@@ -32,11 +32,13 @@ def test_study_end_to_end_then_resumes_without_work(tmp_path, monkeypatch, capsy
     capsys.readouterr()
 
     import ctssl.train.pretrain_cli as pretrain_cli
+    from ctssl.train import pretrain
 
     def fail(*a, **k):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(pretrain_cli, "main", fail)
+    monkeypatch.setattr(pretrain, "run_pretraining", fail)
     monkeypatch.setattr(ft, "run_finetune", fail)
     assert study.main(["--preset", "test", "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out

@@ -185,3 +185,10 @@ def test_method_at_chance_at_full_labels_is_not_called_robust():
     assert "**spark**" in text and "Not ranked: byol" in text
     alone = R.robustness_statement(R.robustness(recs, "accuracy"), "accuracy", 1.0, ["byol", "spark"])
     assert alone.startswith("No robustness ranking.")
+
+
+def test_sweep_shows_each_cells_epochs(setup, tmp_path, capsys):
+    argv = _argv(setup, tmp_path / "progress") + ["--no-random", "--fractions", "1.0", "--seeds", "0", "--epochs", "2"]
+    assert sweep_main(argv) == 0
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    tiny fraction 1 seed 0:")]
+    assert [line.split(": ", 1)[1].split()[:2] for line in epochs] == [["epoch", "1/2"], ["epoch", "2/2"]]
