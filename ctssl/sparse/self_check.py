@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..atomic import write_json
 
 TOLERANCE = 1e-2
 """Largest relative error accepted: float32 (TF32 on GPUs) against float64. A wrong kernel is off by far more."""
@@ -192,10 +193,7 @@ def record(backend, device: torch.device | str, verdict: Verdict) -> None:
     path = _path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            json.dump({"key": key, "verdict": {**asdict(verdict), "cached": False}}, f, indent=1)
-            tmp = f.name
-        os.replace(tmp, path)
+        write_json(path, {"key": key, "verdict": {**asdict(verdict), "cached": False}}, indent=1)
     except OSError:
         pass
 
