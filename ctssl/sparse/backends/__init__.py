@@ -72,15 +72,21 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None) -> Backend:
+def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None, *, ops=None,
+                model: str = "this model") -> Backend:
     """The backend called ``name`` (``auto`` picks the fastest usable one for ``device``).
 
     Fails here, not deep inside a forward, when the name is unknown or the backend
     cannot run: the message lists what is usable and what the missing one needs.
+    ``ops`` (names from ``base.OPS``, e.g. an encoder's ``sparse_ops``) are the ops
+    ``model`` needs: ``auto`` only picks a backend that has them, a named backend
+    without them is refused with its reason.
     """
     if isinstance(name, Backend):
         if device is not None:
             name.check_device(torch.device(device))
+        if ops is not None:
+            name.check_ops(ops, model)
         return name
     if not isinstance(name, str):
         raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
@@ -88,7 +94,7 @@ def get_backend(name: str | Backend = "dense", device: torch.device | str | None
         on_gpu = device is not None and torch.device(device).type == "cuda"
         for candidate in AUTO_ORDER_GPU if on_gpu else AUTO_ORDER_CPU:
             backend, _ = _load(candidate)
-            if backend is not None:
+            if backend is not None and (ops is None or set(ops) <= backend.supported_ops):
                 return backend
         name = "torch"
     if name not in _REGISTRY:
@@ -105,6 +111,8 @@ def get_backend(name: str | Backend = "dense", device: torch.device | str | None
         )
     if device is not None:
         backend.check_device(torch.device(device))
+    if ops is not None:
+        backend.check_ops(ops, model)
     return backend
 
 

@@ -1,8 +1,12 @@
-"""The backend interface: the few operations a masked ResNet needs.
+"""The backend interface: the few operations a masked ResNet or ConvNeXt needs.
 
 Every backend implements the semantics of design.md section 2 (the ``dense``
 backend *is* that definition). Elementwise operations are shared here because
 they map 0 to 0 in any layout.
+
+A model states the ops it needs (an encoder's ``sparse_ops``, names from ``OPS``) and a
+backend the ops it has (``supported_ops``); ``check_ops`` refuses a model a backend cannot
+run, with the reason, when its input is built (``ctssl.sparse.sparse_input(..., ops=)``).
 """
 from __future__ import annotations
 
@@ -11,6 +15,28 @@ import torch.nn.functional as F
 
 from ..index import PatchIndex
 from ..tensor import SparseTensor
+
+
+OPS: dict[str, str] = {
+    "conv": "convolution with groups=1 (conv2d / conv3d), any aligned kernel, stride, padding, dilation",
+    "depthwise_conv": "depthwise k x k convolution (conv2d / conv3d with groups = channels), stride 1",
+    "batch_norm": "BatchNorm over visible positions",
+    "layer_norm": "LayerNorm over the channels of each visible position",
+    "linear": "a Linear over the channels of each visible position",
+    "max_pool": "max pooling",
+    "avg_pool": "average pooling",
+    "relu": "ReLU / ReLU6",
+    "gelu": "GELU",
+    "scale_channels": "per-channel scale (layer scale)",
+    "scale_samples": "per-sample scale (stochastic depth)",
+    "add": "residual add",
+}
+"""Names a model may list in its ``sparse_ops`` (what each one means); the same for images and volumes
+(``spatial_dims`` says which grids a backend computes on)."""
+RESNET_OPS = frozenset({"conv", "batch_norm", "max_pool", "relu", "add", "scale_samples"})
+CONVNEXT_OPS = frozenset({"conv", "depthwise_conv", "layer_norm", "linear", "gelu", "scale_channels",
+                          "scale_samples", "add"})
+ALL_OPS = frozenset(OPS)
 
 
 def ntuple(v, n: int) -> tuple[int, ...]:
@@ -62,6 +88,9 @@ class Backend:
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
     spatial_dims: tuple[int, ...] = (2,)
+    supported_ops: frozenset[str] = RESNET_OPS | {"avg_pool"}
+    unsupported_ops_reason: str = "not implemented in this backend"
+    """Why the ops missing from ``supported_ops`` are missing (shown when a model needs them)."""
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not and what to install."""
@@ -77,6 +106,16 @@ class Backend:
             raise ValueError(f"backend {self.name!r} does not implement sparse ops on {what} "
                              f"(it supports {', '.join(f'{d}-D' for d in self.spatial_dims)}); "
                              f"use backend 'torch' or 'dense'")
+
+    def check_ops(self, ops, model: str = "this model") -> None:
+        """Raise a clear error if ``model`` needs ops (names from ``OPS``) this backend does not have."""
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown:
+            raise ValueError(f"{model} lists unknown sparse ops {', '.join(unknown)}; known: {', '.join(OPS)}")
+        missing = sorted(set(ops) - self.supported_ops)
+        if missing:
+            raise ValueError(f"backend {self.name!r} cannot run {model}: it has no {', '.join(missing)} op "
+                             f"({self.unsupported_ops_reason}); use backend 'torch', 'triton' or 'dense'")
 
     # --- layout conversion -------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -119,12 +158,27 @@ class Backend:
         """Multiply each image's features by ``scale[b]`` (stochastic depth)."""
         raise NotImplementedError
 
+    def scale_channels(self, x: SparseTensor, scale: torch.Tensor) -> SparseTensor:
+        """Multiply channel c by ``scale[c]`` (ConvNeXt's layer scale)."""
+        raise NotImplementedError
+
+    def layer_norm(self, x: SparseTensor, weight, bias, eps: float) -> SparseTensor:
+        """LayerNorm over the channels of every visible position (fp32 statistics); masked positions stay 0."""
+        raise NotImplementedError
+
+    def linear(self, x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> SparseTensor:
+        """``x @ weight.T + bias`` at every visible position; masked positions stay 0 (no bias there)."""
+        raise NotImplementedError
+
     # --- elementwise: 0 maps to 0, so every layout shares these ---------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
         return x.map(lambda v: F.relu(v, inplace=inplace))
 
     def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
         return x.map(lambda v: F.relu6(v, inplace=inplace))
+
+    def gelu(self, x: SparseTensor, approximate: str = "none") -> SparseTensor:
+        return x.map(lambda v: F.gelu(v, approximate=approximate))
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
         if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:

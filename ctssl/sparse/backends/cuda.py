@@ -28,7 +28,7 @@ from ... import _ext
 from ..index import PatchIndex
 from ..pending import PendingBatchNorm, fuse_activation, fuse_add
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import Backend, check_aligned, pair
 from .torch_packed import TorchBackend
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "relu6": 2}
@@ -345,6 +345,8 @@ class CudaBackend(TorchBackend):
     name = "cuda"
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "
              "with nvcc and a CUDA build of torch")
+    supported_ops = Backend.supported_ops
+    unsupported_ops_reason = "the cuda backend's ConvNeXt ops (depthwise conv, LayerNorm) are not implemented yet"
 
     def unavailable_reason(self) -> str | None:
         reason = _ext.missing_reason()

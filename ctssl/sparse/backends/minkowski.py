@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import Backend, check_aligned, pair
 from .spconv import packed_pixels
 from .torch_packed import TorchBackend
 
@@ -42,6 +42,9 @@ class MinkowskiBackend(TorchBackend):
 
     name = "minkowski"
     needs = BUILD_HINT
+    supported_ops = Backend.supported_ops
+    unsupported_ops_reason = ("MinkowskiEngine has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/"
+                              "GELU would be the torch backend's")
 
     def __init__(self):
         self._me = None

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import Backend, check_aligned, pair
 from .torch_packed import TorchBackend
 
 INSTALL_HINT = (
@@ -107,6 +107,9 @@ class SpconvBackend(TorchBackend):
 
     name = "spconv"
     needs = INSTALL_HINT
+    supported_ops = Backend.supported_ops
+    unsupported_ops_reason = ("spconv has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/GELU "
+                              "would be the torch backend's")
 
     def __init__(self, impl: str | None = None):
         if impl is not None and impl not in IMPLEMENTATIONS:

@@ -2,9 +2,9 @@
 
 A k x k (x k) conv gathers each visible patch with a halo of ``padding`` pixels from
 its neighbours (as many patches away as the halo reaches) and runs the framework
-conv with padding 0; 1x1 convs are matmuls on the rows; BatchNorm is plain
-BatchNorm over the rows. Correct on CPU and GPU, and the baseline the custom
-kernels must beat.
+conv with padding 0; 1x1 convs are matmuls on the rows; BatchNorm, LayerNorm and
+Linear are the plain framework ops on the rows. Correct on CPU and GPU, and the
+baseline the custom kernels must beat.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..batchnorm_rows import batch_norm_rows
 from ..halo import halo_gather
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import Backend, check_aligned, ntuple
+from .base import ALL_OPS, Backend, check_aligned, ntuple
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -39,6 +39,7 @@ class TorchBackend(Backend):
     name = "torch"
     needs = "nothing (always available)"
     spatial_dims = (2, 3)
+    supported_ops = ALL_OPS
 
     # --- layout ------------------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -134,6 +135,15 @@ class TorchBackend(Backend):
         rows = batch_norm_rows(x.values, weight, bias, running_mean, running_var, training, momentum, eps,
                                process_group)
         return x.with_values(rows)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return x.with_values(F.layer_norm(x.values, (x.channels,), weight, bias, eps))
+
+    def linear(self, x, weight, bias):
+        return x.with_values(F.linear(x.values, weight, bias))
+
+    def scale_channels(self, x, scale):
+        return x.with_values(x.values * scale.to(x.values.dtype))
 
     def scale_samples(self, x, scale):
         rows_scale = scale.to(x.values.dtype)[x.index.row_samples(x.stride)]

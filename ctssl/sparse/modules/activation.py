@@ -18,3 +18,10 @@ class ReLU6(nn.ReLU6):
         if isinstance(x, SparseTensor):
             return x.backend.relu6(x, self.inplace)
         return super().forward(x)
+
+
+class GELU(nn.GELU):
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return x.backend.gelu(x, self.approximate)
+        return super().forward(x)
