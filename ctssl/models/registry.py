@@ -9,7 +9,12 @@ benchmarks rely on:
   SparK's masked semantics (``active``: the patch mask, ``(B, *grid)``);
 - ``patch_size`` (its total downsampling, SparK's patch side), ``spatial_dims`` (2: images,
   3: volumes), ``in_chans``, ``feature_channels`` / ``feature_strides`` (one per stage),
-  ``num_features`` (the pooled feature width).
+  ``num_features`` (the pooled feature width);
+- ``sparse_ops``: the engine ops its masked forward needs (names from
+  ``ctssl.sparse.backends.base.OPS``), passed to ``sparse_input`` so that a backend without
+  them is refused before anything runs; ``densify_norm`` ("batch_norm" or "layer_norm"):
+  the sparse norm SparK applies to its features before densifying them;
+- ``get_classifier()``: the classification layer (pre-training freezes it).
 """
 from __future__ import annotations
 

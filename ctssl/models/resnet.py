@@ -15,6 +15,7 @@ from torch import nn
 
 from ..sparse import sparse_input
 from ..sparse.backends import Backend
+from ..sparse.backends.base import RESNET_OPS
 from ..sparse.modules import BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
 from .registry import create_encoder, register_encoder
 
@@ -87,6 +88,8 @@ class ResNet(nn.Module):
 
     patch_size = 32  # total downsampling: SparK's patch size for this encoder
     spatial_dims = 2
+    sparse_ops = RESNET_OPS
+    densify_norm = "batch_norm"  # SparK densifies ResNet features with a sparse BatchNorm
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
                  in_chans: int = 3, drop_path_rate: float = 0.0, zero_init_residual: bool = False):
@@ -162,9 +165,13 @@ class ResNet(nn.Module):
         """
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] != self.conv1.in_channels:
             raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {self.conv1.in_channels}")
-        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite)
+        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite,
+                         ops=self.sparse_ops, model=type(self).__name__)
         maps = self._stages(x)
         return maps if return_sparse else [m.to_dense() for m in maps]
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.num_features, num_classes)
