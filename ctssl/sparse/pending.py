@@ -1,4 +1,7 @@
-"""A BatchNorm result whose normalisation is applied on first use, so a backend can fuse it.
+"""Op results computed on first use, so a backend can fuse them with the op that reads them.
+
+``PendingPacked`` is a packed tensor whose ``values`` are computed when first read (then
+cached); a backend op that knows the pending kind folds it into its own kernel instead.
 
 Backends with a fused "BatchNorm apply + residual + activation" pass (``triton``,
 ``cuda``) return a ``PendingBatchNorm`` from ``batch_norm``: the statistics are final
@@ -18,20 +21,22 @@ import torch
 from .tensor import PackedTensor
 
 
-class PendingBatchNorm(PackedTensor):
-    """``bn(x) [+ residual]`` with known statistics, applied when ``values`` is first read."""
+class PendingPacked(PackedTensor):
+    """Packed rows computed by ``_compute()`` when ``values`` is first read (then cached)."""
 
-    __slots__ = ("pending", "_applied")
+    __slots__ = ("_applied",)
 
-    def __init__(self, pending, index, stride, backend):
-        self.pending = pending
+    def __init__(self, index, stride, backend):
         self._applied = None
         super().__init__(None, index, stride, backend)
+
+    def _compute(self) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def values(self):
         if self._applied is None:
-            self._applied = self.backend._apply(self.pending, None)
+            self._applied = self._compute()
         return self._applied
 
     @values.setter
@@ -42,6 +47,22 @@ class PendingBatchNorm(PackedTensor):
     @property
     def unapplied(self) -> bool:
         return self._applied is None
+
+    def with_values(self, values, stride=None):
+        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
+
+
+class PendingBatchNorm(PendingPacked):
+    """``bn(x) [+ residual]`` with known statistics, applied when ``values`` is first read."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending, index, stride, backend):
+        self.pending = pending
+        super().__init__(index, stride, backend)
+
+    def _compute(self) -> torch.Tensor:
+        return self.backend._apply(self.pending, None)
 
     @property
     def channels(self) -> int:
@@ -54,9 +75,6 @@ class PendingBatchNorm(PackedTensor):
     @property
     def device(self) -> torch.device:
         return self.pending.x1.device
-
-    def with_values(self, values, stride=None):
-        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
 
 
 def fuse_activation(x, activation: str, backend) -> PackedTensor | None:
@@ -77,4 +95,4 @@ def fuse_add(a, b, backend) -> PendingBatchNorm | None:
     return None
 
 
-__all__ = ["PendingBatchNorm", "fuse_activation", "fuse_add"]
+__all__ = ["PendingPacked", "PendingBatchNorm", "fuse_activation", "fuse_add"]
