@@ -50,10 +50,13 @@ def _neighbour_row(nbr_ptr, n, sy, sx, ok, P: tl.constexpr, R: tl.constexpr):
 def _dw_tile(x_ptr, w_ptr, nbr_ptr, n, py, px, m_ok, rc, c_ok, C,
              P: tl.constexpr, R: tl.constexpr, K: tl.constexpr, PAD: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The depthwise conv of a (rows, channels) tile in fp32: sum over taps of x[source row, c] * w[tap, c]."""
+    """The depthwise conv of a (rows, channels) tile in fp32: sum over taps of x[source row, c] * w[tap, c].
+
+    The kernel rows are a loop and only the taps of one row are unrolled: unrolling all 49 let the
+    compiler issue every tap's loads at once, and ptxas spilled kilobytes per thread (kernel_compile)."""
     S = 2 * R + 1
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for ky in tl.static_range(K):
+    for ky in range(K):
         sy = py + (ky - PAD)
         oy = (sy + R * P) // P - R  # neighbour offset along y, in [-R, R]
         table_row = n * (S * S) + (oy + R) * S + R
@@ -152,10 +155,12 @@ def _dw_wgrad_kernel(x_ptr, dy_ptr, out_ptr, nbr_ptr, M, C, ROWS_PER_SPLIT,
 
 
 # One config each (memory-bound elementwise tiles: nothing to tune between GEMM shapes). BLOCK_C = 64
-# keeps 16-byte vector loads along the channels of a row in every dtype.
-_FWD = TunedKernel(_dw_fwd_kernel, [], key=[], fixed=config(4, 2, BLOCK_M=32, BLOCK_C=64),
+# keeps 16-byte vector loads along the channels of a row in every dtype. The forward tiles are small
+# per thread (16 x 64 over 8 warps): with 32 x 64 rows the fused kernel spilled on sm_90 / sm_80 at
+# 4 or 8 warps (benchmarks/kernel_compile.py).
+_FWD = TunedKernel(_dw_fwd_kernel, [], key=[], fixed=config(8, 2, BLOCK_M=16, BLOCK_C=64),
                    interp=config(BLOCK_M=256, BLOCK_C=64))
-_FWD_LN = TunedKernel(_dw_ln_fwd_kernel, [], key=[], fixed=config(4, 2, BLOCK_M=32, BLOCK_C=64),
+_FWD_LN = TunedKernel(_dw_ln_fwd_kernel, [], key=[], fixed=config(8, 2, BLOCK_M=16, BLOCK_C=64),
                       interp=config(BLOCK_M=256, BLOCK_C=64))
 _WGRAD = TunedKernel(_dw_wgrad_kernel, [], key=[], fixed=config(4, 2, BLOCK_M=64, BLOCK_C=64),
                      interp=config(BLOCK_M=256, BLOCK_C=64), reset_to_zero=["out_ptr"])
