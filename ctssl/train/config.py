@@ -21,7 +21,16 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def _registered_encoders() -> tuple[str, ...]:
+    from ctssl.models import encoder_names
+
+    return tuple(encoder_names())
+
+
+ARCHS = _registered_encoders()
+"""Every encoder of ``ctssl.models``' registry (ResNets, ConvNeXts)."""
 OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
