@@ -1,4 +1,4 @@
-"""Model-level workloads: the masked encoder, a whole SparK step, a contrastive step.
+"""Model-level workloads: the masked encoder (ResNet or ConvNeXt), a whole SparK step, a contrastive step.
 
 Model weights are drawn from one seed, so every backend times the same network and
 ``encoder_timing.py`` can compare their losses on the same input as a sanity check.
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ctssl.models import create_resnet
+from ctssl.models import create_encoder
 from ctssl.sparse.backends import Backend
 
 from bench_config import NOMASK, Profile, dtype_name
@@ -56,8 +56,9 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
                      arch: str | None = None, batch: int | None = None, size: int | None = None,
                      amp_dtype: torch.dtype | None | object = FROM_PROFILE, channels_last: bool | None = None,
                      rotate: int | None = None) -> Workload:
-    """ResNet encoder forward + backward: ``forward_masked`` on a backend, or ``forward_features``
-    on unmasked images for the no-mask baseline. A new PatchIndex is built every step, as in training."""
+    """Encoder (``arch``: any registered name) forward + backward: ``forward_masked`` on a backend, or
+    ``forward_features`` on unmasked images for the no-mask baseline. A new PatchIndex is built every
+    step, as in training."""
     arch = arch or profile.encoder
     batch = batch or profile.model_batch
     size = size or profile.model_size
@@ -65,7 +66,7 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
     channels_last = profile.channels_last if channels_last is None else channels_last
     rotate = rotate or profile.rotate
     torch.manual_seed(0)
-    model = _place(create_resnet(arch), profile, channels_last).train()
+    model = _place(create_encoder(arch), profile, channels_last).train()
     params = [p for p in model.parameters() if p.requires_grad]
     sets = [(_images(profile, batch, size, 100 + k, channels_last),
              random_mask(batch, size, 0.5 if mask_ratio is None else mask_ratio, profile.device, 200 + k))
@@ -99,7 +100,7 @@ def spark_workload(profile: Profile, backend: Backend, mask_ratio: float) -> Wor
     from ctssl.ssl import create_method  # skipped by the caller when ctssl.ssl is missing
 
     torch.manual_seed(0)
-    encoder = create_resnet(profile.encoder)
+    encoder = create_encoder(profile.encoder)
     method = create_method("spark", encoder, backend.name, mask_ratio=mask_ratio, check_finite=False,
                            decoder_width=profile.decoder_width, input_size=profile.model_size)
     method = _place(method, profile, profile.channels_last).train()
@@ -130,7 +131,7 @@ def contrastive_workload(profile: Profile, method_name: str = "mocov2") -> Workl
     from ctssl.ssl import create_method
 
     torch.manual_seed(0)
-    encoder = create_resnet(profile.encoder)
+    encoder = create_encoder(profile.encoder)
     method = create_method(method_name, encoder, "dense", input_size=profile.model_size)
     method = _place(method, profile, profile.channels_last).train()
     opt = torch.optim.SGD(method.param_groups(1e-4), lr=0.03, momentum=0.9)

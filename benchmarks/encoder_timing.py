@@ -1,4 +1,4 @@
-"""Time the masked ResNet encoder (fwd+bwd) on every backend, with peak memory, in one run.
+"""Time a masked encoder (ResNet or ConvNeXt, fwd+bwd) on every backend, with peak memory, in one run.
 
 The measurement behind the headline claim: the packed backends against plain dense
 (cuDNN, no mask) and SparK's dense emulation, at several mask ratios, on one card in
@@ -46,7 +46,7 @@ LOSS_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 1e-3}
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--arch", default="resnet50", help="any registered encoder (resnet50, convnext_small, ...)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--mask-ratios", default="0.6,0.3,0.9", help="comma-separated, timed in this order")
@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile-kernels", type=int, default=0, metavar="TOP",
                     help="also profile each backend's encoder step at the first mask ratio and keep its TOP kernels")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile-kernels")
+    ap.add_argument("--target", action="append", default=[], metavar="BACKEND:BASELINE:SPEEDUP",
+                    help="a goal to check and record: BACKEND at least SPEEDUP times faster than BASELINE at the "
+                         "first mask ratio (e.g. triton:dense-nomask:2); exit code 3 when one is missed")
     ap.add_argument("--json", required=True, help="output JSON path")
     ap.add_argument("--markdown", help="output Markdown path")
     args = ap.parse_args(argv)
@@ -83,7 +86,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--batch, --iters and --rotate must be positive, --warmup non-negative")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA GPU")
+    args.targets = []
+    for spec in args.target:
+        parts = spec.split(":")
+        try:
+            args.targets.append((parts[0], parts[1], float(parts[2])))
+            assert len(parts) == 3 and parts[0] and parts[1] and float(parts[2]) > 0
+        except (IndexError, ValueError, AssertionError):
+            ap.error(f"--target {spec!r}: expected BACKEND:BASELINE:SPEEDUP, e.g. triton:dense-nomask:2")
+    from ctssl.models import encoder_names
+    if args.arch not in encoder_names():
+        ap.error(f"--arch {args.arch!r} is not a registered encoder; choose one of {', '.join(encoder_names())}")
     return args
+
+
+def encoder_ops(arch: str) -> frozenset[str]:
+    """The sparse ops ``arch``'s masked forward needs (read from a weightless copy)."""
+    from ctssl.models import create_encoder
+    with torch.device("meta"):
+        return create_encoder(arch).sparse_ops
 
 
 def pick_backends(spec: str) -> list[str]:
@@ -106,19 +127,24 @@ def make_profile(args):
         decoder_width=args.decoder_width)
 
 
-def why_not(name: str, device: torch.device) -> str | None:
-    """None if ``name`` can be timed here, else the reason."""
+def why_not(name: str, device: torch.device, ops=None) -> str | None:
+    """None if ``name`` can be timed here (with the encoder's ``ops``), else the reason."""
     if name == NOMASK:
         return None
     reason = registry_status().get(name)
     if reason is not None:
         return f"unavailable: {reason}"
+    from ctssl.sparse import get_backend
+    if ops is not None:
+        try:
+            get_backend(name).check_ops(ops, "this encoder")
+        except ValueError as exc:
+            return str(exc)
     if device.type == "cpu" and name in CPU_NOT_TIMED:
         return CPU_NOT_TIMED[name]
     if device.type == "cpu" and name in CPU_NO_BACKWARD:
         return CPU_NO_BACKWARD[name]
     try:
-        from ctssl.sparse import get_backend
         get_backend(name, device)
     except Exception as exc:  # noqa: BLE001 - report any refusal as the reason
         return f"cannot run on {device}: {exc}"
@@ -222,12 +248,39 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Not timed:", ""]
         lines += [f"- {backend}, {status} ({'; '.join(wheres)}): {reason}"
                   for (backend, status, reason), wheres in seen.items()]
+    if result.get("targets"):
+        lines += ["", "## Targets", "", "| backend | baseline | mask ratio | required speed-up | measured | met |",
+                  "|---|---|---|---|---|---|"]
+        for t in result["targets"]:
+            met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['backend']} | {t['baseline']} | {fmt(t['mask_ratio'], '.2f')} | "
+                         f">= {t['required_speedup']:.2f}x | {times(t['measured_speedup']) or '-'} | {met} |")
     profiled = [r for r in result["results"] if r.get("status") == "ok" and "kernel_profile" in r]
     if profiled:
         lines += ["", "## Where the time goes", ""]
         for r in profiled:
             lines += profile_markdown(f"{r['backend']}, mask {fmt(r['mask_ratio'], '.2f', '-')}", r["kernel_profile"])
     return "\n".join(lines) + "\n"
+
+
+def check_targets(rows: list[dict[str, Any]], targets, ratio: float) -> list[dict[str, Any]]:
+    """Each target's measured speed-up (baseline median / backend median, encoder case, at ``ratio``;
+    the no-mask baseline has no ratio) and whether it is met; None where either was not timed."""
+    def median(name):
+        want = None if name == NOMASK else ratio
+        for r in rows:
+            if (r.get("status") == "ok" and r.get("case_kind") == "encoder" and r["backend"] == name
+                    and r.get("mask_ratio") == want):
+                return r["median_ms"]
+        return None
+
+    out = []
+    for backend, baseline, required in targets:
+        b, t = median(baseline), median(backend)
+        measured = None if b is None or t is None or t <= 0 else b / t
+        out.append({"backend": backend, "baseline": baseline, "mask_ratio": ratio, "required_speedup": required,
+                    "measured_speedup": measured, "met": None if measured is None else measured >= required})
+    return out
 
 
 def times(v) -> str:
@@ -274,12 +327,13 @@ def main(argv=None) -> int:
     print(f"encoder_timing: {result['machine']['device_name']}, {args.arch} batch {args.batch} @ {args.size}px, "
           f"{args.precision}, backends {', '.join(names)}", flush=True)
     start = time.monotonic()
+    ops = encoder_ops(args.arch)
     from ctssl.sparse import get_backend
     for kind, name, ratio in plan(args, names):
         base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,
                 "case": f"{args.arch} encoder fwdbwd" if kind == "encoder"
                 else f"SparK step ({args.arch}, decoder {args.decoder_width})"}
-        reason = why_not(name, profile.device)
+        reason = why_not(name, profile.device, ops)
         if reason is None and kind == "spark":
             try:
                 importlib.import_module("ctssl.ssl")
@@ -317,11 +371,15 @@ def main(argv=None) -> int:
         if profile.device.type == "cuda":
             torch.cuda.empty_cache()
     add_comparisons(result["results"], args.precision)
+    if args.targets:
+        result["targets"] = check_targets(result["results"], args.targets, args.ratios[0])
     write(result, args)
     print(markdown(result), flush=True)
     bad = [r for r in result["results"] if r.get("status") == "error" or r.get("loss_check") == "MISMATCH"
            or (r.get("status") == "ok" and not r.get("loss_finite", True))]
-    return 1 if bad else 0
+    if bad:
+        return 1
+    return 3 if any(t["met"] is False for t in result.get("targets", [])) else 0
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@
 #              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
 #              plain dense (no mask), CUDA events, peak memory, the top kernels of each backend at
 #              mask 0.6 (torch.profiler); then a SparK step per backend
+#   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton) and issue 16's
+#              target: triton at most half the plain dense (cuDNN) time (encoder_timing --target)
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
 # Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
-# stage results, every figure), encoder_timing.json/.md, gpu_tests.xml, triton_tests.xml, ops_bench.json.
+# stage results, every figure), encoder_timing.json/.md, convnext_timing.json/.md, gpu_tests.xml,
+# triton_tests.xml, ops_bench.json.
 # Commit them under benchmarks/results/<date>-<card>/ (the folder name is printed at the end).
 set -u -o pipefail
 
@@ -121,6 +124,14 @@ TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))
 TIMING_DEADLINE=$(( TIMING_DEADLINE > 60 ? TIMING_DEADLINE - 45 : 15 ))
 stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --spark --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
 
+# --- ConvNeXt-S (issue 16): triton at most half the dense cuDNN time at mask 0.6 --------
+if [[ "$SMOKE" == 1 ]]; then
+  CNX_ARGS="--device cpu --arch convnext_tiny --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --backends dense-nomask,dense,torch"
+else
+  CNX_ARGS="--device cuda --arch convnext_small --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 5 --iters 10 --rotate 2 --backends dense-nomask,dense,torch,triton"
+fi
+stage convnext 120 "$PY benchmarks/encoder_timing.py $CNX_ARGS --target triton:dense-nomask:2 --deadline-s 80 --json $OUT/convnext_timing.json --markdown $OUT/convnext_timing.md"
+
 # --- memory checking of the CUDA kernels ---------------------------------------
 if [[ "$SMOKE" == 1 ]]; then
   note "sanitizer: skipped in smoke mode" sanitizer "skipped (smoke)"
@@ -165,6 +176,8 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
   echo
   if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
   echo
+  if [[ -f $OUT/convnext_timing.md ]]; then sed 's/^#/##/' "$OUT/convnext_timing.md"; else echo "(no ConvNeXt timing results)"; fi
+  echo
   if [[ -f $OUT/ops_bench.json ]]; then
     tmp=$(mktemp -d)
     "$PY" benchmarks/summarize.py "$OUT/ops_bench.json" --out "$tmp" --no-plots --title "op benchmarks" >/dev/null \
@@ -180,6 +193,7 @@ echo "=== stages"
 printf '%s\n' "${STATUS_ROWS[@]}"
 echo
 if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
+if [[ -f $OUT/convnext_timing.md ]]; then grep '^|' "$OUT/convnext_timing.md"; fi
 echo
 echo "gpu_check: done in $(( $(date +%s) - T0 ))s; results in $OUT"
 echo "gpu_check: commit them as benchmarks/results/$(date -u +%Y-%m-%d)-${CARD_SLUG}/"

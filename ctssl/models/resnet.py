@@ -101,7 +101,7 @@ class ResNet(nn.Module):
         self.relu = ReLU(inplace=True)
         self.maxpool = MaxPool2d(3, 2, 1)
         total_blocks = sum(layers)
-        rates = torch.linspace(0, drop_path_rate, total_blocks).tolist() if total_blocks else []
+        rates = torch.linspace(0, drop_path_rate, total_blocks, device="cpu").tolist() if total_blocks else []
         start = 0
         stages = []
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
