@@ -183,53 +183,55 @@ def conv_workload(profile: Profile, shape: ConvShape, backend: Backend | None, d
                     backward=grad)
 
 
+def _channel_params(profile: Profile, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm's affine weight (around 1) and bias, float32 leaves."""
+    dev = profile.device
+    return (_leaf(random_tensor((channels,), torch.float32, dev, seed).abs() + 0.5, True),
+            _leaf(random_tensor((channels,), torch.float32, dev, seed + 1), True))
+
+
+def _stage_map_workload(profile: Profile, family: str, what: str, channels: int, stride: int,
+                        backend: Backend | None, dtype: torch.dtype, mask_ratio: float | None,
+                        params: list[torch.Tensor], forward) -> Workload:
+    """Forward + backward of ``forward`` on a stage map of ``channels`` at ``stride``."""
+    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
+    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", params)
+    vis = None if backend is None else visible_fraction(sets[0][1])
+    side = profile.op_size // stride
+    info = _info(profile, f"{family} fwdbwd", f"{what} @{side}px (stride {stride}) fwdbwd", backend, dtype,
+                 mask_ratio, "fwdbwd", vis)
+    return Workload(step, inputs, profile.op_batch, info, exclude=params + [_values(x) for x, *_ in inputs])
+
+
 def batchnorm_workload(profile: Profile, channels: int, stride: int, backend: Backend | None,
                        dtype: torch.dtype, mask_ratio: float | None) -> Workload:
     """Training-mode BN forward + backward (statistics over visible positions only)."""
-    dev = profile.device
-    weight = _leaf(random_tensor((channels,), torch.float32, dev, 3).abs() + 0.5, True)
-    bias = _leaf(random_tensor((channels,), torch.float32, dev, 4), True)
-    running_mean = torch.zeros(channels, device=dev)
-    running_var = torch.ones(channels, device=dev)
-    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
+    weight, bias = _channel_params(profile, channels, 3)
+    running_mean = torch.zeros(channels, device=profile.device)
+    running_var = torch.ones(channels, device=profile.device)
     if backend is None:
         def forward(x):
             return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
     else:
         def forward(x):
             return backend.batch_norm(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
-    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", [weight, bias])
-    vis = None if backend is None else visible_fraction(sets[0][1])
-    side = profile.op_size // stride
-    info = _info(profile, "batchnorm fwdbwd", f"batchnorm {channels}ch @{side}px (stride {stride}) fwdbwd",
-                 backend, dtype, mask_ratio, "fwdbwd", vis)
-    return Workload(step, inputs, profile.op_batch, info,
-                    exclude=[weight, bias] + [_values(x) for x, *_ in inputs])
-
-
-def _channel_params(profile: Profile, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = profile.device
-    return (_leaf(random_tensor((channels,), torch.float32, dev, seed).abs() + 0.5, True),
-            _leaf(random_tensor((channels,), torch.float32, dev, seed + 1), True))
+    return _stage_map_workload(profile, "batchnorm", f"batchnorm {channels}ch", channels, stride, backend, dtype,
+                               mask_ratio, [weight, bias], forward)
 
 
 def layernorm_workload(profile: Profile, channels: int, stride: int, backend: Backend | None,
                        dtype: torch.dtype, mask_ratio: float | None) -> Workload:
     """ConvNeXt's LayerNorm over the channels of each (visible) position, forward + backward."""
     weight, bias = _channel_params(profile, channels, 3)
-    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
     if backend is None:
         def forward(x):
-            return F.layer_norm(x.movedim(1, -1), (channels,), weight.to(x.dtype), bias.to(x.dtype), 1e-6).movedim(-1, 1)
+            return F.layer_norm(x.movedim(1, -1), (channels,), weight.to(x.dtype), bias.to(x.dtype),
+                                1e-6).movedim(-1, 1)
     else:
         def forward(x):
             return backend.layer_norm(x, weight, bias, 1e-6)
-    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", [weight, bias])
-    vis = None if backend is None else visible_fraction(sets[0][1])
-    side = profile.op_size // stride
-    info = _info(profile, "layernorm fwdbwd", f"layernorm {channels}ch @{side}px (stride {stride}) fwdbwd",
-                 backend, dtype, mask_ratio, "fwdbwd", vis)
-    return Workload(step, inputs, profile.op_batch, info, exclude=[weight, bias] + [_values(x) for x, *_ in inputs])
+    return _stage_map_workload(profile, "layernorm", f"layernorm {channels}ch", channels, stride, backend, dtype,
+                               mask_ratio, [weight, bias], forward)
 
 
 def linear_workload(profile: Profile, channels: int, stride: int, backend: Backend | None, dtype: torch.dtype,
@@ -237,20 +239,14 @@ def linear_workload(profile: Profile, channels: int, stride: int, backend: Backe
     """ConvNeXt's fc1 (C -> 4C over the channels of each visible position), forward + backward."""
     weight = _leaf(random_tensor((4 * channels, channels), dtype, profile.device, 5) * channels ** -0.5, True)
     bias = _leaf(random_tensor((4 * channels,), dtype, profile.device, 6), True)
-    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
     if backend is None:
         def forward(x):
             return F.linear(x.movedim(1, -1), weight, bias)
     else:
         def forward(x):
             return backend.linear(x, weight, bias)
-    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", [weight, bias])
-    vis = None if backend is None else visible_fraction(sets[0][1])
-    side = profile.op_size // stride
-    info = _info(profile, "linear fwdbwd", f"linear {channels}->{4 * channels} @{side}px (stride {stride}) fwdbwd",
-                 backend, dtype, mask_ratio, "fwdbwd", vis)
-    return Workload(step, inputs, profile.op_batch, info,
-                    exclude=[weight, bias] + [_values(x) for x, *_ in inputs])
+    return _stage_map_workload(profile, "linear", f"linear {channels}->{4 * channels}", channels, stride, backend,
+                               dtype, mask_ratio, [weight, bias], forward)
 
 
 def maxpool_workload(profile: Profile, backend: Backend | None, dtype: torch.dtype,

@@ -43,18 +43,12 @@ def test_convnext_conv(run_workload, shape, mode, backend_name, mask_ratio, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
 @pytest.mark.parametrize("channels,stride", CONVNEXT_STAGE_MAPS, ids=[f"c{c}-s{s}" for c, s in CONVNEXT_STAGE_MAPS])
-def test_layernorm(run_workload, channels, stride, backend_name, mask_ratio, dtype):
-    backend = require_backend(backend_name, backward=True, ops={"layer_norm"})
-    work = layernorm_workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
-    run_workload(work, group=work.info["case"])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
-@pytest.mark.parametrize("channels,stride", CONVNEXT_STAGE_MAPS, ids=[f"c{c}-s{s}" for c, s in CONVNEXT_STAGE_MAPS])
-def test_linear(run_workload, channels, stride, backend_name, mask_ratio, dtype):
-    backend = require_backend(backend_name, backward=True, ops={"linear"})
-    work = linear_workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
+@pytest.mark.parametrize("op,workload", [("layer_norm", layernorm_workload), ("linear", linear_workload)],
+                         ids=["layernorm", "linear"])
+def test_convnext_per_position(run_workload, op, workload, channels, stride, backend_name, mask_ratio, dtype):
+    """ConvNeXt's LayerNorm and fc1 over the channels of each visible position."""
+    backend = require_backend(backend_name, backward=True, ops={op})
+    work = workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
     run_workload(work, group=work.info["case"])
 
 

@@ -74,6 +74,21 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, eps,
 
 
 @triton.jit
+def _bwd_block(dy_ptr, x_ptr, w_ptr, rows, m_ok, mean, rstd, C, c0, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One channel block of the backward: (dy, xhat, g = dy * w) in fp32, its channels and offsets."""
+    rc = c0 + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    mask = m_ok[:, None] & c_ok[None, :]
+    offs = rows[:, None] * C + rc[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return dy, xhat, g, rc, c_ok, mask, offs
+
+
+@triton.jit
 def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, M, C,
                    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -88,15 +103,8 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, M
     s_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
-        c_ok = rc < C
-        mask = m_ok[:, None] & c_ok[None, :]
-        offs = rows[:, None] * C + rc[None, :]
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-        g = dy
-        if HAS_W:
-            g = dy * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        dy, xhat, g, rc, c_ok, mask, offs = _bwd_block(dy_ptr, x_ptr, w_ptr, rows, m_ok, mean, rstd, C, c0,
+                                                       HAS_W, BLOCK_C)
         s_g += tl.sum(g, axis=1)
         s_gx += tl.sum(g * xhat, axis=1)
         if NEED_PARAMS:
@@ -106,15 +114,8 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, M
         s_g = s_g / C
         s_gx = s_gx / C
         for c0 in range(0, C, BLOCK_C):
-            rc = c0 + tl.arange(0, BLOCK_C)
-            c_ok = rc < C
-            mask = m_ok[:, None] & c_ok[None, :]
-            offs = rows[:, None] * C + rc[None, :]
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            dy, xhat, g, rc, c_ok, mask, offs = _bwd_block(dy_ptr, x_ptr, w_ptr, rows, m_ok, mean, rstd, C, c0,
+                                                           HAS_W, BLOCK_C)
             dx = (g - s_g[:, None] - xhat * s_gx[:, None]) * rstd[:, None]
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

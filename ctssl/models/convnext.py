@@ -21,12 +21,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..sparse import sparse_input
 from ..sparse.backends import Backend
 from ..sparse.backends.base import CONVNEXT_OPS
 from ..sparse.functional import scale_channels, to_channels_first, to_channels_last
 from ..sparse.modules import GELU, Conv2d, DropPath, LayerNorm, LayerNorm2d, Linear
-from .registry import register_encoder
+from .registry import masked_forward, register_encoder
 
 
 class Mlp(nn.Module):
@@ -153,12 +152,7 @@ class ConvNeXt(nn.Module):
         at masked positions, or the ``SparseTensor`` maps with ``return_sparse``. A backend
         without ConvNeXt's ops (depthwise conv, LayerNorm, ...) is refused before anything runs.
         """
-        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] != self.in_chans:
-            raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {self.in_chans}")
-        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite,
-                         ops=self.sparse_ops, model=type(self).__name__)
-        maps = self._stages(x)
-        return maps if return_sparse else [m.to_dense() for m in maps]
+        return masked_forward(self, images, active, backend, return_sparse=return_sparse, check_finite=check_finite)
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
+
+from ..sparse import sparse_input
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,3 +45,16 @@ def create_encoder(name: str, **kwargs) -> nn.Module:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     return ENCODERS[name](**kwargs)
+
+
+def masked_forward(encoder: nn.Module, images: torch.Tensor, active: torch.Tensor, backend, *,
+                   return_sparse: bool = False, check_finite: bool = True) -> list:
+    """What every encoder's ``forward_masked`` does: check the images, build the sparse input (a backend
+    without the encoder's ``sparse_ops`` is refused there, before anything runs), run ``encoder._stages``
+    and return the stage maps, dense (zeros where masked) or as ``SparseTensor``s."""
+    if isinstance(images, torch.Tensor) and images.dim() >= 4 and images.shape[1] != encoder.in_chans:
+        raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {encoder.in_chans}")
+    x = sparse_input(images, active, backend, patch_size=encoder.patch_size, check_finite=check_finite,
+                     ops=encoder.sparse_ops, model=type(encoder).__name__)
+    maps = encoder._stages(x)
+    return maps if return_sparse else [m.to_dense() for m in maps]

@@ -13,11 +13,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..sparse import sparse_input
 from ..sparse.backends import Backend
 from ..sparse.backends.base import RESNET_OPS
 from ..sparse.modules import BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU
-from .registry import create_encoder, register_encoder
+from .registry import create_encoder, masked_forward, register_encoder
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> Conv2d:
@@ -163,12 +162,7 @@ class ResNet(nn.Module):
         ``active`` is a boolean ``(B, H/32, W/32)`` patch mask. Returns dense maps with
         zeros at masked positions, or the ``SparseTensor`` maps with ``return_sparse``.
         """
-        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] != self.conv1.in_channels:
-            raise ValueError(f"images have {images.shape[1]} channels, the encoder expects {self.conv1.in_channels}")
-        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite,
-                         ops=self.sparse_ops, model=type(self).__name__)
-        maps = self._stages(x)
-        return maps if return_sparse else [m.to_dense() for m in maps]
+        return masked_forward(self, images, active, backend, return_sparse=return_sparse, check_finite=check_finite)
 
     def get_classifier(self) -> nn.Module:
         return self.fc

@@ -3,8 +3,6 @@ torch == dense through the whole SparK loss, the contrastive methods' steps, and
 without ConvNeXt's ops before anything runs."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -16,6 +14,7 @@ from ctssl.sparse.modules import LayerNorm2d
 from ctssl.ssl import METHODS, create_method
 
 from .helpers import TINY_HPARAMS, images, make_batch
+from .test_spark import _loss_and_grads
 
 ACTIVE = torch.tensor([[[True, False], [True, False]], [[False, False], [False, True]]])  # 2 and 1 visible
 
@@ -37,13 +36,6 @@ def test_spark_densifies_convnext_features_with_sparse_layer_norm_and_sparks_wid
         (384, 384, (3, 3)), (192, 192, (3, 3)), (96, 96, (3, 3))]
     assert m.decoder.widths == [768, 384, 192, 96, 48, 24] and m.decoder.proj.out_channels == 1
     assert not m.backbone.get_classifier().weight.requires_grad
-
-
-def _loss_and_grads(method, x, active):
-    m = copy.deepcopy(method)
-    loss = m(x, active=active)["loss"]
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
 def test_spark_with_convnext_torch_gives_the_dense_loss_and_gradients():
