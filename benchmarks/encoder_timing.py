@@ -183,7 +183,14 @@ def machine_block(profile) -> dict[str, Any]:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "backend_status": {k: ("available" if v is None else v) for k, v in registry_status().items()},
-            "git_commit": os.environ.get("CTSSL_GIT_COMMIT", "unknown")}
+            "git_commit": os.environ.get("CTSSL_GIT_COMMIT", "unknown"),
+            # other work on a shared machine distorts CPU figures: how busy it was at the start and the end
+            "load_average_start": load_average(), "load_average_end": None}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
@@ -222,7 +229,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{', channels-last' if c['channels_last'] else ''}; median of {c['iters']} steps after "
              f"{c['warmup']} warm-up steps, {c['rotate']} rotating input sets; "
              f"{'CUDA events' if m['device'].startswith('cuda') else 'host clock (CPU)'}",
-             "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)", "",
+             "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)",
+             f"- load average (1, 5, 15 min) at the start {m.get('load_average_start')}, at the end "
+             f"{m.get('load_average_end')}", "",
              "| case | backend | mask ratio | visible | median ms | IQR ms | wall ms/step | images/s | peak GiB "
              "| vs dense-nomask | vs emulation | loss vs emulation |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -371,6 +380,7 @@ def main(argv=None) -> int:
         if profile.device.type == "cuda":
             torch.cuda.empty_cache()
     add_comparisons(result["results"], args.precision)
+    result["machine"]["load_average_end"] = load_average()
     if args.targets:
         result["targets"] = check_targets(result["results"], args.targets, args.ratios[0])
     write(result, args)
