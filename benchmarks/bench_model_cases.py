@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ctssl.models import create_encoder
+from ctssl.models import create_encoder, create_resnet
 from ctssl.sparse.backends import Backend
 
 from bench_config import NOMASK, Profile, dtype_name
@@ -28,14 +28,19 @@ def autocast(profile: Profile, amp_dtype: torch.dtype | None):
     return torch.autocast(profile.device.type, dtype=amp_dtype)
 
 
-def _place(module: torch.nn.Module, profile: Profile, channels_last: bool) -> torch.nn.Module:
+def _place(module: torch.nn.Module, profile: Profile, channels_last: bool, dims: int = 2) -> torch.nn.Module:
     module = module.to(profile.device)
-    return module.to(memory_format=torch.channels_last) if channels_last else module
+    if not channels_last:
+        return module
+    return module.to(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
 
 
-def _images(profile: Profile, batch: int, size: int, seed: int, channels_last: bool) -> torch.Tensor:
-    return random_tensor((batch, 3, size, size), torch.float32, profile.device, seed, uniform=True,
-                         channels_last=channels_last)
+def _images(profile: Profile, batch: int, size: int, seed: int, channels_last: bool, channels: int = 3,
+            dims: int = 2) -> torch.Tensor:
+    """Images ``(B, C, size, size)`` or cubic volumes ``(B, C, size, size, size)`` (``dims`` 3)."""
+    t = random_tensor((batch, channels, *([size] * dims)), torch.float32, profile.device, seed, uniform=True,
+                      channels_last=channels_last)
+    return t.contiguous(memory_format=torch.channels_last_3d) if channels_last and dims == 3 else t
 
 
 def _model_info(profile: Profile, case: str, backend_name: str, mask_ratio, batch, size, amp_dtype,
@@ -56,9 +61,9 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
                      arch: str | None = None, batch: int | None = None, size: int | None = None,
                      amp_dtype: torch.dtype | None | object = FROM_PROFILE, channels_last: bool | None = None,
                      rotate: int | None = None) -> Workload:
-    """Encoder (``arch``: any registered name) forward + backward: ``forward_masked`` on a backend, or
-    ``forward_features`` on unmasked images for the no-mask baseline. A new PatchIndex is built every
-    step, as in training."""
+    """Encoder forward + backward: ``forward_masked`` on a backend, or ``forward_features`` on unmasked
+    inputs for the no-mask baseline. A new PatchIndex is built every step, as in training. Any registered
+    encoder: a 3-D one (``resnet18_3d``) takes cubic volumes of side ``size`` with its own input channels."""
     arch = arch or profile.encoder
     batch = batch or profile.model_batch
     size = size or profile.model_size
@@ -66,10 +71,13 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
     channels_last = profile.channels_last if channels_last is None else channels_last
     rotate = rotate or profile.rotate
     torch.manual_seed(0)
-    model = _place(create_encoder(arch), profile, channels_last).train()
+    model = create_encoder(arch)
+    dims = model.spatial_dims
+    model = _place(model, profile, channels_last, dims).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    sets = [(_images(profile, batch, size, 100 + k, channels_last),
-             random_mask(batch, size, 0.5 if mask_ratio is None else mask_ratio, profile.device, 200 + k))
+    sets = [(_images(profile, batch, size, 100 + k, channels_last, model.in_chans, dims),
+             random_mask(batch, size, 0.5 if mask_ratio is None else mask_ratio, profile.device, 200 + k,
+                         dims=dims))
             for k in range(rotate)]
 
     def step(inp):
@@ -88,7 +96,7 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
 
     name = NOMASK if backend is None else backend.name
     info = _model_info(profile, f"{arch} encoder fwdbwd", name, mask_ratio, batch, size, amp_dtype, channels_last,
-                       encoder=arch)
+                       encoder=arch, spatial_dims=dims)
     if mask_ratio is not None:
         info["visible_fraction"] = float(sets[0][1].float().mean())
     return Workload(step, sets, batch, info, exclude=params + [s[0] for s in sets])

@@ -9,10 +9,14 @@ the launch, not the work. Two tools here:
   synchronization on a CPU), for the stand-alone harness ``encoder_timing.py``.
 Both warm up first (compilation, autotuning, handle creation stay out) and rotate
 among several input sets so repeated steps do not just re-read the cache.
+On a CPU, where torch's allocator is invisible to Python, ``cpu_times_and_peaks``
+reads the process's peak resident memory around each step instead (Linux).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import itertools
 import statistics
 import time
@@ -81,6 +85,66 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
     fn()
     synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+PEAK_RSS_METHOD = ("peak resident set size (VmHWM) during the step minus the resident set size (VmRSS) just "
+                   "before it; before each step the garbage collector runs, malloc_trim(0) returns freed heap "
+                   "memory to the system and the high-water mark is reset through /proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed heap memory may stay resident (counted in the base)
+        pass
+
+
+def peak_rss_bytes(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory while ``fn`` runs above the resident memory just before it (see
+    ``PEAK_RSS_METHOD``); None where /proc does not allow resetting the high-water mark."""
+    _release_freed_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    return None if base is None or peak is None else (peak - base) * 1024
+
+
+def cpu_times_and_peaks(step: Callable[[Any], Any], inputs: Sequence[Any], *, iters: int,
+                        warmup: int) -> tuple[list[float], list[int | None]]:
+    """Host-clock ms and peak resident bytes (``peak_rss_bytes``) of each of ``iters`` steps after ``warmup``
+    (the clock covers the step only, not the memory bookkeeping)."""
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    times: list[float] = []
+    peaks: list[int | None] = []
+    for i in range(iters):
+        t: list[float] = []
+
+        def timed(x=inputs[i % len(inputs)]):
+            t0 = time.perf_counter()
+            step(x)
+            t.append((time.perf_counter() - t0) * 1e3)
+
+        peaks.append(peak_rss_bytes(timed))
+        times.append(t[0])
+    return times, peaks
 
 
 def memory_figures(step: Callable[[Any], Any], inputs: Any, device: torch.device,

@@ -42,13 +42,13 @@ def random_tensor(shape, dtype: torch.dtype, device: torch.device, seed: int, *,
 
 
 def random_mask(batch: int, size: int, ratio: float, device: torch.device, seed: int,
-                patch_size: int = 32) -> torch.Tensor:
-    return random_patch_mask(batch, (size // patch_size, size // patch_size), ratio,
-                             generator=generator(seed), device=device)
+                patch_size: int = 32, dims: int = 2) -> torch.Tensor:
+    """SparK's mask over the patch grid of ``size``-sided images (``dims`` 2) or cubic volumes (3)."""
+    return random_patch_mask(batch, (size // patch_size,) * dims, ratio, generator=generator(seed), device=device)
 
 
 def visible_fraction(index: PatchIndex) -> float:
-    total = index.batch_size * index.h * index.w
+    total = index.active.numel()
     return index.num_patches / total if total else 0.0
 
 

@@ -4,9 +4,13 @@ The measurement behind the headline claim: the packed backends against plain den
 (cuDNN, no mask) and SparK's dense emulation, at several mask ratios, on one card in
 one process. Timing is done with CUDA events around each step after a warm-up, the
 median of ``--iters`` steps, rotating among ``--rotate`` input sets; peak memory is
-``max_memory_allocated`` above the warmed-up baseline. Every backend runs the same
-weights on the same inputs, and the loss of its first step is compared with the
-dense emulation's as a sanity check (a wrong backend must not look fast).
+``max_memory_allocated`` above the warmed-up baseline. On a CPU the clock is the host's
+and peak memory is the peak resident set size of each step above the one before it
+(median over the steps; ``bench_timing.PEAK_RSS_METHOD``), with ``--isolate`` running
+every case in a fresh process. Every backend runs the same weights on the same inputs,
+and the loss of its first step is compared with the dense emulation's as a sanity check
+(a wrong backend must not look fast). Any registered encoder: a 3-D one
+(``--arch resnet18_3d``) takes cubic volumes of side ``--size``.
 
 Results are written after every configuration, so a run cut short keeps what it
 measured. Example (what ``gpu_check.sh`` runs)::
@@ -14,6 +18,8 @@ measured. Example (what ``gpu_check.sh`` runs)::
     python benchmarks/encoder_timing.py --arch resnet50 --batch 128 --size 224 \\
         --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last \\
         --json out/encoder_timing.json --markdown out/encoder_timing.md
+    python benchmarks/encoder_timing.py --device cpu --arch resnet18_3d --batch 2 --size 96 \\
+        --mask-ratios 0.6 --backends dense,torch --precision fp32 --isolate --json out/vol.json
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ import importlib
 import json
 import math
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -37,7 +46,8 @@ import torch  # noqa: E402
 from bench_config import (CPU_NO_BACKWARD, CPU_NOT_TIMED, EMULATION, NOMASK, PROFILE, backend_names, device_name,  # noqa: E402
                           registry_status, versions)
 from bench_profile import kernel_profile, profile_markdown  # noqa: E402
-from bench_timing import event_times_ms, peak_memory_bytes, summary_ms, synchronize, torch_threads  # noqa: E402
+from bench_timing import (PEAK_RSS_METHOD, cpu_times_and_peaks, event_times_ms, peak_memory_bytes,  # noqa: E402
+                          saved_activation_bytes, summary_ms, synchronize, torch_threads)
 
 FORMAT = "ctssl-encoder-timing/1"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -71,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--target", action="append", default=[], metavar="BACKEND:BASELINE:SPEEDUP",
                     help="a goal to check and record: BACKEND at least SPEEDUP times faster than BASELINE at the "
                          "first mask ratio (e.g. triton:dense-nomask:2); exit code 3 when one is missed")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run every (backend, mask ratio) case in a fresh process (encoder cases only)")
     ap.add_argument("--json", required=True, help="output JSON path")
     ap.add_argument("--markdown", help="output Markdown path")
     args = ap.parse_args(argv)
@@ -97,14 +109,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ctssl.models import encoder_names
     if args.arch not in encoder_names():
         ap.error(f"--arch {args.arch!r} is not a registered encoder; choose one of {', '.join(encoder_names())}")
+    if args.isolate and args.spark:
+        ap.error("--isolate runs encoder cases only; leave out --spark")
     return args
 
 
-def encoder_ops(arch: str) -> frozenset[str]:
-    """The sparse ops ``arch``'s masked forward needs (read from a weightless copy)."""
+def encoder_facts(arch: str) -> tuple[int, frozenset[str]]:
+    """``arch``'s spatial dimensions and the sparse ops its masked forward needs (from a weightless copy)."""
     from ctssl.models import create_encoder
     with torch.device("meta"):
-        return create_encoder(arch).sparse_ops
+        encoder = create_encoder(arch)
+    return encoder.spatial_dims, encoder.sparse_ops
 
 
 def pick_backends(spec: str) -> list[str]:
@@ -163,12 +178,20 @@ def _time_one(build, args, profile, kernels: bool) -> dict[str, Any]:
     work = build()
     loss = float(work.step(work.inputs[0]))
     synchronize(device)
-    times, wall_ms = event_times_ms(work.step, work.inputs, device=device, iters=args.iters, warmup=args.warmup)
-    peak = peak_memory_bytes(lambda: work.step(work.inputs[0]), device)
+    extra: dict[str, Any] = {}
+    if device.type == "cpu":
+        times, peaks = cpu_times_and_peaks(work.step, work.inputs, iters=args.iters, warmup=args.warmup)
+        wall_ms = sum(times) / len(times)
+        peak = None if None in peaks else int(statistics.median(peaks))
+        extra = {"peak_mem_method": PEAK_RSS_METHOD, "peak_rss_bytes_per_step": peaks,
+                 "saved_activation_bytes": saved_activation_bytes(lambda: work.step(work.inputs[0]), work.exclude)}
+    else:
+        times, wall_ms = event_times_ms(work.step, work.inputs, device=device, iters=args.iters, warmup=args.warmup)
+        peak = peak_memory_bytes(lambda: work.step(work.inputs[0]), device)
     stats = summary_ms(times)
     row = {**work.info, **stats, "times_ms": times, "wall_ms_per_step": wall_ms,
            "images_per_s": work.images / (stats["median_ms"] / 1e3) if stats["median_ms"] > 0 else None,
-           "peak_mem_bytes": peak, "loss": loss, "loss_finite": math.isfinite(loss), "status": "ok"}
+           "peak_mem_bytes": peak, **extra, "loss": loss, "loss_finite": math.isfinite(loss), "status": "ok"}
     if kernels:
         try:
             row["kernel_profile"] = kernel_profile(work.step, work.inputs, device, steps=args.profile_steps,
@@ -207,6 +230,8 @@ def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
         emu = emulation.get(key(r))
         if emu is not None and r["backend"] != NOMASK:
             r["speedup_vs_emulation"] = emu["median_ms"] / r["median_ms"]
+            if r.get("peak_mem_bytes") and emu.get("peak_mem_bytes"):
+                r["peak_mem_vs_emulation"] = r["peak_mem_bytes"] / emu["peak_mem_bytes"]
             if emu["loss"] != 0:
                 r["loss_rel_diff_vs_emulation"] = abs(r["loss"] - emu["loss"]) / abs(emu["loss"])
                 r["loss_check"] = "ok" if r["loss_rel_diff_vs_emulation"] <= LOSS_TOLERANCE[precision] else "MISMATCH"
@@ -220,21 +245,27 @@ def fmt(v, spec: str = ".2f", empty: str = "") -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     m, c = result["machine"], result["config"]
+    on_cpu = not m["device"].startswith("cuda")
+    size = f"{c['size']}^3 voxels" if c.get("spatial_dims") == 3 else f"{c['size']} px"
+    memory = (f"- peak memory: {PEAK_RSS_METHOD}; median over the timed steps"
+              f"{', every case in a fresh process' if c.get('isolate') else ''}" if on_cpu else
+              "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)")
     lines = [f"# Encoder timing on {m['device_name']}", "",
              f"- date: {m['date']}", f"- command: `{m['command']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- git commit: {m['git_commit']}",
-             f"- workload: {c['arch']} fwd+bwd, batch {c['batch']}, {c['size']} px, "
+             f"- workload: {c['arch']} fwd+bwd, batch {c['batch']}, {size}, "
              f"{'fp32 (no autocast)' if c['precision'] == 'fp32' else c['precision'] + ' autocast'}"
              f"{', channels-last' if c['channels_last'] else ''}; median of {c['iters']} steps after "
              f"{c['warmup']} warm-up steps, {c['rotate']} rotating input sets; "
-             f"{'CUDA events' if m['device'].startswith('cuda') else 'host clock (CPU)'}",
-             "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)",
+             f"{'CUDA events' if m['device'].startswith('cuda') else 'host clock (CPU)'}"
+             f"{'' if c.get('threads') is None else ', ' + str(c['threads']) + ' torch threads'}",
+             memory,
              f"- load average (1, 5, 15 min) at the start {m.get('load_average_start')}, at the end "
              f"{m.get('load_average_end')}", "",
              "| case | backend | mask ratio | visible | median ms | IQR ms | wall ms/step | images/s | peak GiB "
-             "| vs dense-nomask | vs emulation | loss vs emulation |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs dense-nomask | vs emulation | peak vs emulation | loss vs emulation |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if r.get("status") != "ok":
             continue
@@ -246,7 +277,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['case']} | {r['backend']} | {fmt(r['mask_ratio'], '.2f', '-')} | {fmt(r['visible_fraction'], '.2f')} "
             f"| {r['median_ms']:.2f} | {r['q3_ms'] - r['q1_ms']:.2f} | {r['wall_ms_per_step']:.2f} "
             f"| {fmt(r['images_per_s'], '.4g')} | {fmt(None if peak is None else peak / 2 ** 30, '.2f', 'n/a')} "
-            f"| {times(r.get('speedup_vs_nomask'))} | {times(r.get('speedup_vs_emulation'))} | {check} |")
+            f"| {times(r.get('speedup_vs_nomask'))} | {times(r.get('speedup_vs_emulation'))} "
+            f"| {fmt(r.get('peak_mem_vs_emulation'), '.2f')} | {check} |")
     # one line per (backend, status, reason): the same reason is not repeated for every ratio
     seen: dict[tuple[str, str, str], list[str]] = {}
     for r in result["results"]:
@@ -321,6 +353,28 @@ def plan(args, names):
     return jobs
 
 
+def run_isolated(args, name: str, ratio: float | None) -> dict[str, Any]:
+    """One encoder case timed by this script in a fresh Python process (its own allocator state and caches)."""
+    child = ["--arch", args.arch, "--batch", str(args.batch), "--size", str(args.size),
+             "--mask-ratios", str(args.ratios[0] if ratio is None else ratio), "--backends", name,
+             "--precision", args.precision, "--warmup", str(args.warmup), "--iters", str(args.iters),
+             "--rotate", str(args.rotate), "--device", args.device, "--profile-kernels", str(args.profile_kernels),
+             "--profile-steps", str(args.profile_steps)]
+    if args.threads is not None:
+        child += ["--threads", str(args.threads)]
+    if args.channels_last:
+        child.append("--channels-last")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "case.json")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--json", out],
+                              capture_output=True, text=True)
+        if not os.path.exists(out):
+            return {"status": "error", "reason": f"isolated case exited with {proc.returncode}: {proc.stderr[-2000:]}"}
+        with open(out) as f:
+            rows = [r for r in json.load(f)["results"] if r["backend"] == name]
+    return rows[0]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bench_model_cases import encoder_workload, spark_workload
@@ -328,15 +382,17 @@ def main(argv=None) -> int:
     profile = make_profile(args)
     names = pick_backends(args.backends)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    dims, ops = encoder_facts(args.arch)
+    threads = args.threads if args.threads is not None else (1 if profile.device.type == "cpu" else None)
     result = {"format": FORMAT, "machine": machine_block(profile),
-              "config": {"arch": args.arch, "batch": args.batch, "size": args.size, "precision": args.precision,
-                         "channels_last": args.channels_last, "warmup": args.warmup, "iters": args.iters,
-                         "rotate": args.rotate, "mask_ratios": args.ratios, "decoder_width": args.decoder_width},
+              "config": {"arch": args.arch, "batch": args.batch, "size": args.size, "spatial_dims": dims,
+                         "precision": args.precision, "channels_last": args.channels_last, "warmup": args.warmup,
+                         "iters": args.iters, "rotate": args.rotate, "mask_ratios": args.ratios,
+                         "decoder_width": args.decoder_width, "threads": threads, "isolate": args.isolate},
               "results": []}
-    print(f"encoder_timing: {result['machine']['device_name']}, {args.arch} batch {args.batch} @ {args.size}px, "
-          f"{args.precision}, backends {', '.join(names)}", flush=True)
+    print(f"encoder_timing: {result['machine']['device_name']}, {args.arch} batch {args.batch} @ {args.size}"
+          f"{'^3' if dims == 3 else 'px'}, {args.precision}, backends {', '.join(names)}", flush=True)
     start = time.monotonic()
-    ops = encoder_ops(args.arch)
     from ctssl.sparse import get_backend
     for kind, name, ratio in plan(args, names):
         base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,
@@ -365,7 +421,12 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         try:
             kernels = args.profile_kernels > 0 and kind == "encoder" and ratio in (None, args.ratios[0])
-            row = {**base, **time_one(build, args, profile, kernels)}
+            if args.isolate:
+                row = {**base, **run_isolated(args, name, ratio)}
+                if row.get("status") != "ok":
+                    raise RuntimeError(row.get("reason", "the isolated case failed"))
+            else:
+                row = {**base, **time_one(build, args, profile, kernels)}
             print(f"  {kind:7s} {name:12s} mask {fmt(ratio, '.2f', '-'):>4s}: median {row['median_ms']:8.2f} ms, "
                   f"peak {fmt(None if row['peak_mem_bytes'] is None else row['peak_mem_bytes'] / 2 ** 30, '.2f', 'n/a')}"
                   f" GiB, loss {row['loss']:.5g} ({time.monotonic() - t0:.0f}s)", flush=True)

@@ -23,10 +23,14 @@ ROW = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
 def extension_path() -> str | None:
-    """The built ``ctssl/_C`` shared object, or None when the extension was not built."""
+    """The built ``ctssl/_C`` shared object (the one ctssl loads), or None when the extension was not built."""
     import ctssl
+    from ctssl.cuda_ops import runtime
 
-    found = sorted(glob.glob(os.path.join(os.path.dirname(ctssl.__file__), "_C*.so")))
+    module = runtime.load()
+    if module is not None:
+        return module.__file__
+    found = sorted(glob.glob(os.path.join(os.path.dirname(ctssl.__file__), "_C*.so")))  # a stale build
     return found[0] if found else None
 
 

@@ -14,6 +14,8 @@
 #              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
 #              plain dense (no mask), CUDA events, peak memory, the top kernels of each backend at
 #              mask 0.6 (torch.profiler); then a SparK step per backend
+#   timing3d   the same for volumes: ResNet-18-3D fwd+bwd, batch 8, 128^3 crops, mask ratio 0.6, bf16
+#              autocast, channels-last-3d, every backend that takes volumes (the others are listed as skipped)
 #   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton) and issue 16's
 #              target: triton at most half the plain dense (cuDNN) time (encoder_timing --target)
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
@@ -102,8 +104,9 @@ if ! "$PY" -c "import ctssl" 2>/dev/null; then
   echo "=== ctssl is not importable after the build: falling back to PYTHONPATH=$PWD (kernels/ and the CUDA extension may be missing)"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-stage backends 60 "$PY -c 'from ctssl.sparse import backend_status
-for k, v in backend_status().items(): print(f\"{k:10s}\", \"available\" if v is None else \"unavailable: \" + v)'"
+# ctssl-backends --check: every usable backend's self-check (masked conv, BN, pool, fwd+bwd vs dense) on
+# the CPU and the GPU, pass/fail and time, and what auto picks (compiles the kernels the tests reuse)
+stage backends 90 "$PY -c 'import sys; from ctssl.cli import backends; sys.exit(backends([\"--check\"]))'"
 
 # --- correctness -------------------------------------------------------------
 # the GPU-marked tests everywhere, then the Triton kernel tests (unmarked: on a CPU they run in the
@@ -124,13 +127,22 @@ TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))
 TIMING_DEADLINE=$(( TIMING_DEADLINE > 60 ? TIMING_DEADLINE - 45 : 15 ))
 stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --spark --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
 
+# --- volumes (issue 17): the 3-D encoder on every backend that takes volumes -------------
+if [[ "$SMOKE" == 1 ]]; then
+  TIMING3D_ARGS="--device cpu --arch resnet18_3d --batch 1 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1"
+else
+  TIMING3D_ARGS="--device cuda --arch resnet18_3d --batch 8 --size 128 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2"
+fi
+TIMING3D_CAP=75
+stage timing3d $TIMING3D_CAP "$PY benchmarks/encoder_timing.py $TIMING3D_ARGS --deadline-s $(( TIMING3D_CAP - 25 )) --json $OUT/encoder_timing_3d.json --markdown $OUT/encoder_timing_3d.md"
 # --- ConvNeXt-S (issue 16): triton at most half the dense cuDNN time at mask 0.6 --------
 if [[ "$SMOKE" == 1 ]]; then
   CNX_ARGS="--device cpu --arch convnext_tiny --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --backends dense-nomask,dense,torch"
 else
   CNX_ARGS="--device cuda --arch convnext_small --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 5 --iters 10 --rotate 2 --backends dense-nomask,dense,torch,triton"
 fi
-stage convnext 120 "$PY benchmarks/encoder_timing.py $CNX_ARGS --target triton:dense-nomask:2 --deadline-s 80 --json $OUT/convnext_timing.json --markdown $OUT/convnext_timing.md"
+CNX_CAP=100
+stage convnext $CNX_CAP "$PY benchmarks/encoder_timing.py $CNX_ARGS --target triton:dense-nomask:2 --deadline-s $(( CNX_CAP - 30 )) --json $OUT/convnext_timing.json --markdown $OUT/convnext_timing.md"
 
 # --- memory checking of the CUDA kernels ---------------------------------------
 if [[ "$SMOKE" == 1 ]]; then
@@ -176,6 +188,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
   echo
   if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
   echo
+  if [[ -f $OUT/encoder_timing_3d.md ]]; then sed 's/^# /## Volumes: /' "$OUT/encoder_timing_3d.md"; else echo "(no 3-D encoder timing results)"; fi
   if [[ -f $OUT/convnext_timing.md ]]; then sed 's/^#/##/' "$OUT/convnext_timing.md"; else echo "(no ConvNeXt timing results)"; fi
   echo
   if [[ -f $OUT/ops_bench.json ]]; then
@@ -193,6 +206,7 @@ echo "=== stages"
 printf '%s\n' "${STATUS_ROWS[@]}"
 echo
 if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
+if [[ -f $OUT/encoder_timing_3d.md ]]; then grep '^|' "$OUT/encoder_timing_3d.md"; fi
 if [[ -f $OUT/convnext_timing.md ]]; then grep '^|' "$OUT/convnext_timing.md"; fi
 echo
 echo "gpu_check: done in $(( $(date +%s) - T0 ))s; results in $OUT"

@@ -6,9 +6,10 @@ compiles each kernel variant the wrappers launch, for every autotune config (pru
 the autotuner prunes) and the fixed config (deterministic mode), with the argument
 specialization Triton's JIT applies at run time (16-byte aligned pointers, integers
 divisible by 16, integers equal to 1 become constants) at the shapes of one ResNet-50
-SparK step (batch 128, 224 px, mask ratio 0.6) and of ConvNeXt-S's kernels at the same
-step, and reads registers and spill bytes (``ptxas -v``), shared memory (Triton's
-metadata) and vectorised global loads/stores (the PTX) of each.
+SparK step (batch 128, 224 px, mask ratio 0.6) and, for the volume variants (``3-D``),
+of one ResNet-18-3D step (batch 8, 128^3 crops, mask ratio 0.6), and of ConvNeXt-S's
+kernels at the ResNet-50 step, and reads registers and spill bytes (``ptxas -v``), shared
+memory (Triton's metadata) and vectorised global loads/stores (the PTX) of each.
 
     python -m benchmarks.kernel_compile                    # every variant and config, sm_90 + sm_80
     python -m benchmarks.kernel_compile --quick            # fixed configs only, bf16 + fp32 (the CI check)
@@ -53,6 +54,8 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 # One ResNet-50 SparK step: batch 128, 224 px in 7 x 7 patches of 32 px, 20 of 49 visible.
 PATCHES = 128 * 20
 STEM_P, STAGE1_P, STAGE2_P = 32, 8, 4  # patch side at the stem input, stage 1 and stage 2
+# One ResNet-18-3D SparK step: batch 8, 128^3 crops in 4 x 4 x 4 patches of 32^3 voxels, 26 of 64 visible.
+PATCHES_3D = 8 * 26
 # ConvNeXt-S's stages at the same step: (patch side, neighbour radius of the 7x7 conv, channels)
 CONVNEXT_STAGES = ((8, 1, 96), (4, 1, 192), (2, 2, 384), (1, 3, 768))
 
@@ -87,7 +90,7 @@ def _conv_variants(dt: str) -> list[Variant]:
     ptrs = dict(src_ptr=x, w_ptr=x, bias_ptr=f32, dst_ptr=x, stats_ptr=f32, nbr_ptr=i32, taps_ptr=i32,
                 ntaps_ptr=i32)
     m1, m_stem = PATCHES * STAGE1_P ** 2, PATCHES * (STEM_P // 2) ** 2
-    fwd = dict(HAS_BIAS=False, STATS=True, PRECISION=precision)
+    fwd = dict(NDIM=2, HAS_BIAS=False, STATS=True, PRECISION=precision)
     out = [
         Variant(f"conv fwd 3x3/1 64->64 stage 1 +stats ({dt})", conv._GATHER_GEMM,
                 dict(ptrs, M=m1, C_IN=64, C_OUT=64, Q=STAGE1_P, P_SRC=STAGE1_P, P_DST=STAGE1_P, SRC_STEP=1,
@@ -108,7 +111,7 @@ def _conv_variants(dt: str) -> list[Variant]:
         Variant(f"conv dgrad 3x3/2 128->128 stage 2 entry ({dt})", conv._GATHER_GEMM,
                 dict(ptrs, M=PATCHES * STAGE2_P ** 2, C_IN=128, C_OUT=128, Q=STAGE2_P, P_SRC=STAGE2_P,
                      P_DST=STAGE1_P, SRC_STEP=1, DST_STEP=2, MAX_TAPS=4, M_KEY=size_key(PATCHES * 16)),
-                dict(HAS_BIAS=False, STATS=False, FLAT_K=False, PRECISION=precision)),
+                dict(NDIM=2, HAS_BIAS=False, STATS=False, FLAT_K=False, PRECISION=precision)),
     ]
     wptrs = dict(src_ptr=x, dy_ptr=x, out_ptr=f32, nbr_ptr=i32, taps_ptr=i32)
     for atomic in (True, False):
@@ -117,11 +120,45 @@ def _conv_variants(dt: str) -> list[Variant]:
             Variant(f"conv wgrad 3x3/1 64->64 stage 1, {mode} ({dt})", conv._WGRAD,
                     dict(wptrs, M=m1, C_IN=64, C_OUT=64, Q=STAGE1_P, P_SRC=STAGE1_P, SRC_STEP=1, NUM_TAPS=9,
                          ROWS_PER_SPLIT=2048, M_KEY=size_key(m1)),
-                    dict(FLAT_K=False, ATOMIC=atomic, PRECISION=precision)),
+                    dict(NDIM=2, FLAT_K=False, ATOMIC=atomic, PRECISION=precision)),
             Variant(f"conv wgrad 7x7/2 stem 3->64, FLAT_K, {mode} ({dt})", conv._WGRAD,
                     dict(wptrs, M=m_stem, C_IN=3, C_OUT=64, Q=STEM_P // 2, P_SRC=STEM_P, SRC_STEP=2, NUM_TAPS=49,
                          ROWS_PER_SPLIT=8192, M_KEY=size_key(m_stem)),
-                    dict(FLAT_K=True, ATOMIC=atomic, PRECISION=precision)),
+                    dict(NDIM=2, FLAT_K=True, ATOMIC=atomic, PRECISION=precision)),
+        ]
+    return out + _conv_variants_3d(dt, ptrs, wptrs, precision)
+
+
+def _conv_variants_3d(dt: str, ptrs: dict, wptrs: dict, precision: str) -> list[Variant]:
+    """The conv variants of a ResNet-18-3D step: 27-tap GEMMs, the 343-tap stem, 8 dgrad parity classes."""
+    m1, m2, m_stem = PATCHES_3D * STAGE1_P ** 3, PATCHES_3D * STAGE2_P ** 3, PATCHES_3D * (STEM_P // 2) ** 3
+    fwd = dict(NDIM=3, HAS_BIAS=False, STATS=True, PRECISION=precision)
+    out = [
+        Variant(f"conv fwd 3x3x3/1 64->64 stage 1 +stats, 3-D ({dt})", conv._GATHER_GEMM,
+                dict(ptrs, M=m1, C_IN=64, C_OUT=64, Q=STAGE1_P, P_SRC=STAGE1_P, P_DST=STAGE1_P, SRC_STEP=1,
+                     DST_STEP=1, MAX_TAPS=27, M_KEY=size_key(m1)), dict(fwd, FLAT_K=False)),
+        Variant(f"conv fwd 3x3x3/2 128->128 stage 2 entry, 3-D ({dt})", conv._GATHER_GEMM,
+                dict(ptrs, M=m2, C_IN=128, C_OUT=128, Q=STAGE2_P, P_SRC=STAGE1_P, P_DST=STAGE2_P, SRC_STEP=2,
+                     DST_STEP=1, MAX_TAPS=27, M_KEY=size_key(m2)), dict(fwd, FLAT_K=False)),
+        Variant(f"conv fwd 7x7x7/2 stem 1->64 +stats, FLAT_K, 3-D ({dt})", conv._GATHER_GEMM,
+                dict(ptrs, M=m_stem, C_IN=1, C_OUT=64, Q=STEM_P // 2, P_SRC=STEM_P, P_DST=STEM_P // 2,
+                     SRC_STEP=2, DST_STEP=1, MAX_TAPS=343, M_KEY=size_key(m_stem)), dict(fwd, FLAT_K=True)),
+        Variant(f"conv dgrad 3x3x3/2 128->128 stage 2 entry, 3-D ({dt})", conv._GATHER_GEMM,
+                dict(ptrs, M=m2, C_IN=128, C_OUT=128, Q=STAGE2_P, P_SRC=STAGE2_P, P_DST=STAGE1_P, SRC_STEP=1,
+                     DST_STEP=2, MAX_TAPS=8, M_KEY=size_key(m2)),
+                dict(NDIM=3, HAS_BIAS=False, STATS=False, FLAT_K=False, PRECISION=precision)),
+    ]
+    for atomic in (True, False):
+        mode = "atomic" if atomic else "deterministic"
+        out += [
+            Variant(f"conv wgrad 3x3x3/1 64->64 stage 1, {mode}, 3-D ({dt})", conv._WGRAD,
+                    dict(wptrs, M=m1, C_IN=64, C_OUT=64, Q=STAGE1_P, P_SRC=STAGE1_P, SRC_STEP=1, NUM_TAPS=27,
+                         ROWS_PER_SPLIT=2048, M_KEY=size_key(m1)),
+                    dict(NDIM=3, FLAT_K=False, ATOMIC=atomic, PRECISION=precision)),
+            Variant(f"conv wgrad 7x7x7/2 stem 1->64, FLAT_K, {mode}, 3-D ({dt})", conv._WGRAD,
+                    dict(wptrs, M=m_stem, C_IN=1, C_OUT=64, Q=STEM_P // 2, P_SRC=STEM_P, SRC_STEP=2,
+                         NUM_TAPS=343, ROWS_PER_SPLIT=8192, M_KEY=size_key(m_stem)),
+                    dict(NDIM=3, FLAT_K=True, ATOMIC=atomic, PRECISION=precision)),
         ]
     return out
 
@@ -155,22 +192,46 @@ def _pool_layout_variants(dt: str) -> list[Variant]:
     x, f32, i32 = _ptr(dt), _ptr("fp32"), _ptr("i32")
     geom = dict(M=PATCHES * STAGE1_P ** 2, C=64, Q=STAGE1_P, P=STEM_P // 2, STRIDE=2, PAD=1)
     npix, side = 128 * 56 * 56, 56
-    dense = dict(NPIX=npix, C=256, H=side, W=side, P=STAGE1_P, GW=7)
+    dense = dict(NPIX=npix, C=256, D=1, H=side, W=side, P=STAGE1_P, GW=7)  # images: D is 1, depth strides 0
     return [
         Variant(f"max pool fwd 3x3/2 ({dt})", pool._FWD, dict(x_ptr=x, y_ptr=x, arg_ptr=_ptr("i8"), nbr_ptr=i32,
-                                                          **geom), dict(K=3)),
+                                                          **geom), dict(K=3, NDIM=2)),
         Variant(f"max pool bwd 3x3/2 ({dt})", pool._BWD, dict(dy_ptr=x, arg_ptr=_ptr("i8"), dx_ptr=x, nbr_ptr=i32,
-                                                          **geom), dict(K=3)),
+                                                          **geom), dict(K=3, NDIM=2)),
         Variant(f"pack image ({dt})", layout._PACK,
                 dict(img_ptr=x, rows_ptr=x, coords_ptr=i32, M=PATCHES * STEM_P ** 2, C=3, P=STEM_P,
-                     s_b=3 * 224 * 224, s_c=224 * 224, s_h=224, s_w=1)),
+                     s_b=3 * 224 * 224, s_c=224 * 224, s_d=0, s_h=224, s_w=1), dict(NDIM=2)),
         Variant(f"densify with mask token, channels-last ({dt})", layout._UNPACK,
                 dict(rows_ptr=x, out_ptr=x, slot_ptr=i32, token_ptr=f32, **dense, o_b=256 * side * side, o_c=1,
-                     o_h=side * 256, o_w=256), dict(FILL_TOKEN=True)),
+                     o_d=0, o_h=side * 256, o_w=256), dict(NDIM=2, FILL_TOKEN=True)),
         Variant(f"masked sum (token grad) ({dt})", layout._MASKED_SUM,
                 dict(g_ptr=x, slot_ptr=i32, part_ptr=f32, **dense, s_b=256 * side * side, s_c=side * side,
-                     s_h=side, s_w=1)),
+                     s_d=0, s_h=side, s_w=1), dict(NDIM=2)),
         Variant(f"column partial sums ({dt})", red._COLUMN_PARTIAL, dict(x_ptr=x, out_ptr=f32, M=geom["M"], C=256)),
+    ] + _pool_layout_variants_3d(dt)
+
+
+def _pool_layout_variants_3d(dt: str) -> list[Variant]:
+    """Max pool and layout kernels of a ResNet-18-3D step: 3x3x3 windows, 128^3 crops, stage-1 maps."""
+    x, f32, i32 = _ptr(dt), _ptr("fp32"), _ptr("i32")
+    geom = dict(M=PATCHES_3D * STAGE1_P ** 3, C=64, Q=STAGE1_P, P=STEM_P // 2, STRIDE=2, PAD=1)
+    side, crop = 32, 128  # the stage-1 map of a 128^3 crop
+    vox = side ** 3
+    dense = dict(NPIX=8 * vox, C=64, D=side, H=side, W=side, P=STAGE1_P, GW=4)
+    return [
+        Variant(f"max pool fwd 3x3x3/2, 3-D ({dt})", pool._FWD,
+                dict(x_ptr=x, y_ptr=x, arg_ptr=_ptr("i8"), nbr_ptr=i32, **geom), dict(K=3, NDIM=3)),
+        Variant(f"max pool bwd 3x3x3/2, 3-D ({dt})", pool._BWD,
+                dict(dy_ptr=x, arg_ptr=_ptr("i8"), dx_ptr=x, nbr_ptr=i32, **geom), dict(K=3, NDIM=3)),
+        Variant(f"pack volume, 3-D ({dt})", layout._PACK,
+                dict(img_ptr=x, rows_ptr=x, coords_ptr=i32, M=PATCHES_3D * STEM_P ** 3, C=1, P=STEM_P,
+                     s_b=crop ** 3, s_c=crop ** 3, s_d=crop * crop, s_h=crop, s_w=1), dict(NDIM=3)),
+        Variant(f"densify with mask token, channels-last, 3-D ({dt})", layout._UNPACK,
+                dict(rows_ptr=x, out_ptr=x, slot_ptr=i32, token_ptr=f32, **dense, o_b=64 * vox, o_c=1,
+                     o_d=64 * side * side, o_h=64 * side, o_w=64), dict(NDIM=3, FILL_TOKEN=True)),
+        Variant(f"masked sum (token grad), 3-D ({dt})", layout._MASKED_SUM,
+                dict(g_ptr=x, slot_ptr=i32, part_ptr=f32, **dense, s_b=64 * vox, s_c=vox, s_d=side * side,
+                     s_h=side, s_w=1), dict(NDIM=3)),
     ]
 
 
@@ -373,8 +434,9 @@ def markdown(rows: list[dict], command: str) -> str:
         f"- date: {datetime.date.today().isoformat()}; no GPU involved: compiled for the target, not run",
         f"- command: `{command}`",
         f"- triton {triton.__version__}; ptxas: {ptxas.splitlines()[-1] if ptxas else 'unknown'}",
-        "- shapes: one ResNet-50 SparK step, batch 128, 224 px, mask ratio 0.6 (20 of 49 patches visible), and "
-        "ConvNeXt-S's depthwise/LayerNorm kernels at the same step; "
+        "- shapes: one ResNet-50 SparK step, batch 128, 224 px, mask ratio 0.6 (20 of 49 patches visible); `3-D` "
+        "variants: one ResNet-18-3D step, batch 8, 128^3 crops (26 of 64 patches visible); ConvNeXt-S's "
+        "depthwise/LayerNorm kernels at the ResNet-50 step; "
         "arguments specialized as Triton's JIT does at run time",
         f"- shared-memory limits per block: sm_90 {SMEM_LIMIT[90]} B, sm_80 {SMEM_LIMIT[80]} B; autotuning "
         "skips a config over the limit, the fixed config must fit",

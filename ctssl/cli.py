@@ -46,12 +46,72 @@ def demo(argv=None) -> int:
 
 
 def backends(argv=None) -> int:
-    """ctssl-backends: list every backend and why it is or is not usable here."""
-    from ctssl.sparse import backend_status
+    """ctssl-backends: every backend, whether it is usable here and what it can do, and what ``auto`` picks."""
+    import argparse
 
-    for name, reason in backend_status().items():
-        print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
-    return 0
+    parser = argparse.ArgumentParser(
+        prog="ctssl-backends",
+        description="List ctssl's sparse-engine backends: usable here or why not (and what to install), what a "
+                    "usable one cannot do on this machine (e.g. train), and which backend `--backend auto` "
+                    "picks on the CPU and, when one is visible, on the GPU.")
+    parser.add_argument("--check", action="store_true",
+                        help="run the self-check of every usable backend on every device here (a masked conv, "
+                             "BatchNorm and max pool, forward and backward, against the dense reference) and print "
+                             "pass/fail and its time; exit 1 if any fails. Verdicts are cached for `auto`, which "
+                             "otherwise runs a custom backend's check on its first use of a device")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ctssl.sparse import backend_status, get_backend, self_check
+    from ctssl.sparse.backends import auto_backend
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    status = backend_status()
+    for name, reason in status.items():
+        if reason is not None:
+            print(f"{name:10s} unavailable: {reason}")
+            continue
+        limits = [f"cannot train on {d.type}: {why}" for d in devices
+                  if (why := get_backend(name).training_unsupported_reason(d))]
+        print(f"{name:10s} available" + "".join(f"; {limit}" for limit in limits))
+    failures = 0
+    if args.check:
+        for name in (n for n, reason in status.items() if reason is None):
+            backend = get_backend(name)
+            for device in devices:
+                try:
+                    backend.check_device(device)
+                except ValueError as exc:  # (BackendUnavailableError too) this backend does not run there
+                    print(f"check {name:10s} {_device_label(device)}: not run ({exc})")
+                    continue
+                verdict = self_check.run_self_check(backend, device)
+                self_check.record(backend, device, verdict)
+                failures += not verdict.ok
+                print(f"check {name:10s} {_device_label(device)}: {'pass' if verdict.ok else 'FAIL'}"
+                      f"{' (forward only)' if verdict.forward_only else ''} in {verdict.seconds:.2f} s"
+                      + (f": {verdict.error}" if verdict.error else ""))
+    picks = []
+    for device in devices:
+        backend = auto_backend(device, check=args.check)
+        note = ""
+        if backend.self_check_before_auto:
+            verdict = self_check.cached_verdict(backend, device)
+            note = (" (self-check passed)" if verdict is not None else
+                    " (not self-checked yet: its first use runs the check, --check runs it now)")
+        picks.append(f"{_device_label(device)} -> {backend.name}{note}")
+    if len(devices) == 1:
+        picks.append("cuda -> (no GPU visible)")
+    print("auto picks: " + "; ".join(picks))
+    return 1 if failures else 0
+
+
+def _device_label(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,19 +10,26 @@
 - backward: ``_bwd_reduce_kernel`` reads dy (masked by the saved output where a
   ReLU was fused) once for ``sum dz`` and ``sum dz * xhat`` of each BN, and
   ``_bwd_dx_kernel`` writes dx1, dx2 and the residual gradient in one more pass.
+
+Kernels compute, the backend communicates: the statistics arrive as a
+``ctssl.sparse.norm_stats.NormStats`` (mean, invstd, count, batch), and between the
+two backward passes its ``reduce_grad_sums`` is the one place a synchronized
+BatchNorm's sums cross ranks. Nothing here knows about process groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
 from .reduce import sum_leading
 from .runtime import BACKEND, INTERPRET, STATS_BLOCK_M, TunedKernel, check_tensor, config, interp_block, num_sms
+
+if TYPE_CHECKING:
+    from ctssl.sparse.norm_stats import NormStats
 
 
 @triton.jit
@@ -233,22 +240,6 @@ _BWD_DX = TunedKernel(_bwd_dx_kernel, [], key=[], **_ROWWISE)
 # --- statistics ----------------------------------------------------------------------
 
 
-@dataclass
-class BNStats:
-    """Per-channel statistics one BatchNorm normalises with (fp32), decided before the apply.
-
-    ``batch`` says they are this batch's statistics (training): the backward then
-    includes their gradient. ``count`` is the number of rows they cover (all ranks),
-    ``group`` the process group the backward sums are reduced over (or None).
-    """
-
-    mean: torch.Tensor
-    invstd: torch.Tensor
-    batch: bool
-    count: float
-    group: object = None
-
-
 def partial_stats(x: torch.Tensor) -> torch.Tensor:
     """Per block of ``STATS_BLOCK_M`` rows: ``(blocks, 2, C)`` fp32 mean and M2 of each channel."""
     check_tensor("x", x, dim=2)
@@ -263,7 +254,8 @@ def partial_stats(x: torch.Tensor) -> torch.Tensor:
 
 def finalize_stats(part: torch.Tensor, M: int, running_mean, running_var, momentum: float, eps: float,
                    update: bool):
-    """``(mean, invstd, var)`` fp32 from block partials of M rows; running stats updated in place if ``update``."""
+    """``(mean, invstd, var)`` fp32 from block partials of M rows; running stats updated in place if ``update``
+    (torch's rule, as ``ctssl.sparse.norm_stats.update_running``, fused into this launch)."""
     check_tensor("partials", part, dtypes=(torch.float32,), dim=3)
     blocks, _, C = part.shape
     if blocks != triton.cdiv(M, STATS_BLOCK_M):
@@ -280,48 +272,6 @@ def finalize_stats(part: torch.Tensor, M: int, running_mean, running_var, moment
                      float(momentum), float(eps), PART_BLOCK_M=STATS_BLOCK_M, UPDATE=update,
                      interp=dict(BLOCK_C=interp_block(C, hi=2048), BLOCK_P=interp_block(blocks, hi=64)))
     return mean, invstd, var
-
-
-def batch_stats(x: torch.Tensor, part: torch.Tensor | None, running_mean, running_var, momentum: float,
-                eps: float, group=None) -> BNStats:
-    """This batch's statistics of rows ``x`` (using conv-epilogue partials when given); updates running stats.
-
-    With a process group, (count, sum, sum of squares) are all-reduced in one call.
-    Fewer than two rows in total leave the running statistics unchanged (as torch's rows path).
-    """
-    M = x.shape[0]
-    if part is None:
-        part = partial_stats(x)
-    track = running_mean is not None and running_var is not None
-    if group is None:
-        if M == 0:
-            z = torch.zeros(x.shape[1], device=x.device, dtype=torch.float32)
-            return BNStats(z, z.clone(), True, 0.0)
-        mean, invstd, _ = finalize_stats(part, M, running_mean, running_var, momentum, eps, track and M > 1)
-        return BNStats(mean, invstd, True, float(M))
-    C = x.shape[1]
-    if M:
-        mean, _, var = finalize_stats(part, M, None, None, momentum, eps, False)
-    else:
-        mean = var = torch.zeros(C, device=x.device, dtype=torch.float32)
-    local = torch.cat([mean * M, (var + mean * mean) * M, mean.new_full((1,), float(M))])
-    dist.all_reduce(local, group=group)
-    n = float(local[-1].item())
-    if n == 0:
-        return BNStats(mean, torch.zeros_like(mean), True, 0.0, group)
-    gmean = local[:C] / n
-    gvar = (local[C:2 * C] / n - gmean * gmean).clamp_min(0)
-    if track and n > 1:
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(gmean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((gvar * n / (n - 1)).to(running_var.dtype), alpha=momentum)
-    return BNStats(gmean, torch.rsqrt(gvar + eps), True, n, group)
-
-
-def running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> BNStats:
-    """Eval-mode statistics: the running ones, as fp32 mean and 1/std."""
-    mean = running_mean.detach().float().contiguous()
-    return BNStats(mean, torch.rsqrt(running_var.detach().float() + eps).contiguous(), False, 0.0)
 
 
 # --- apply and backward --------------------------------------------------------------
@@ -345,7 +295,7 @@ def _check_affine(name: str, t, C: int, device) -> None:
         raise ValueError(f"{BACKEND}: {name} has {t.numel()} entries, expected {C} channels")
 
 
-def bn_apply(x1, s1: BNStats, w1, b1, x2=None, s2: BNStats | None = None, w2=None, b2=None, res=None,
+def bn_apply(x1, s1: NormStats, w1, b1, x2=None, s2: NormStats | None = None, w2=None, b2=None, res=None,
              relu: bool = False) -> torch.Tensor:
     """``relu?(bn1(x1) [+ bn2(x2)] [+ res])`` in one pass, in x1's dtype."""
     check_tensor("x", x1, dim=2)
@@ -374,13 +324,13 @@ def bn_apply(x1, s1: BNStats, w1, b1, x2=None, s2: BNStats | None = None, w2=Non
     return y
 
 
-def bn_backward(dy, y, x1, s1: BNStats, w1, x2=None, s2: BNStats | None = None, w2=None, relu: bool = False,
+def bn_backward(dy, y, x1, s1: NormStats, w1, x2=None, s2: NormStats | None = None, w2=None, relu: bool = False,
                 need=(True, True, True, True, True, True, True)):
     """Gradients of ``bn_apply``: (dx1, dw1, db1, dx2, dw2, db2, dres), None where not needed.
 
-    ``need`` flags the same seven outputs. When batch statistics came from a process
-    group, the backward sums are all-reduced over it in one call, also by a rank
-    without rows (collectives must match); weight and bias gradients stay local.
+    ``need`` flags the same seven outputs. The sums over the rows go through the batch
+    statistics' ``reduce_grad_sums`` (one all-reduce when synchronized, also by a rank
+    without rows; a fused pair shares one process group); weight and bias gradients stay local.
     """
     M, C = x1.shape
     has2 = x2 is not None
@@ -388,21 +338,15 @@ def bn_backward(dy, y, x1, s1: BNStats, w1, x2=None, s2: BNStats | None = None, 
     dy = dy.contiguous()
     check_tensor("grad_output", dy, device=x1.device, dim=2)
     local = _backward_sums(dy, y, x1, s1, x2, s2, relu) if M else x1.new_zeros(3, C, dtype=torch.float32)
-    sums = local
-    groups = {id(s.group): s.group for s in (s1, s2) if s is not None and s.batch and s.group is not None}
-    if len(groups) > 1:
-        raise ValueError(f"{BACKEND}: a fused pair of BatchNorms must share one process group")
-    if groups:
-        sums = local.clone()  # one all-reduce: [sum dz, sum dz*xhat1, sum dz*xhat2]
-        dist.all_reduce(sums, group=next(iter(groups.values())))
+    batch = [s for s in (s1, s2) if s is not None and s.batch]
+    sums, n = (batch[0] if batch else s1).reduce_grad_sums(local)  # [sum dz, sum dz*xhat1, sum dz*xhat2]
     need_dx1, need_dx2, need_dres = need[0], need[3] and has2, need[6]
     dx1 = torch.empty_like(x1) if need_dx1 else None
     dx2 = torch.empty_like(x1) if need_dx2 else None
     dres = torch.empty_like(dy) if need_dres else None
     if M and (need_dx1 or need_dx2 or need_dres):
-        inv1 = 1.0 / s1.count if s1.count > 0 else 0.0
-        inv2 = 1.0 / s2.count if has2 and s2.count > 0 else 0.0
-        _launch_dx(dy, y, relu, x1, s1, w1, x2, s2, w2, sums.contiguous(), dx1, dx2, dres, M, C, inv1, inv2)
+        inv_n = 1.0 / n if n > 0 else 0.0  # (the rows of a fused pair are the same rows: one count)
+        _launch_dx(dy, y, relu, x1, s1, w1, x2, s2, w2, sums.contiguous(), dx1, dx2, dres, M, C, inv_n, inv_n)
     out[0], out[3], out[6] = dx1, dx2, dres
     if need[1]:
         out[1] = local[1]
@@ -415,7 +359,7 @@ def bn_backward(dy, y, x1, s1: BNStats, w1, x2=None, s2: BNStats | None = None, 
     return tuple(out)
 
 
-def _backward_sums(dy, y, x1, s1: BNStats, x2, s2: BNStats | None, relu: bool) -> torch.Tensor:
+def _backward_sums(dy, y, x1, s1: NormStats, x2, s2: NormStats | None, relu: bool) -> torch.Tensor:
     """fp32 ``(3, C)``: [sum dz, sum dz*xhat1, sum dz*xhat2] over the rows, in a fixed order."""
     M, C = x1.shape
     has2 = x2 is not None
@@ -453,7 +397,7 @@ def _launch_dx(dy, y, relu, x1, s1, w1, x2, s2, w2, sums, dx1, dx2, dres, M, C, 
 class BatchNormActFunction(torch.autograd.Function):
     """``relu?(bn1(x1) [+ bn2(x2)] [+ residual])`` with precomputed statistics and a fused backward.
 
-    The statistics (``BNStats``) are computed before the call, without autograd; the
+    The statistics (``NormStats``) are computed before the call, without autograd; the
     backward still differentiates through them when they are batch statistics
     (the usual BatchNorm input gradient), so the result equals BatchNorm followed by
     the add and the ReLU.

@@ -82,7 +82,7 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, nbr_ptr, M, C,
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    n, py, px = _row_position(rm, P)
+    n, _, py, px = _row_position(rm, P, 2)
     acc = _dw_tile(x_ptr, w_ptr, nbr_ptr, n, py, px, m_ok, rc, c_ok, C, P, R, K, PAD, BLOCK_M, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -101,7 +101,7 @@ def _dw_ln_fwd_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, conv_ptr, y_ptr, me
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     rows = rm.to(tl.int64)
-    n, py, px = _row_position(rm, P)
+    n, _, py, px = _row_position(rm, P, 2)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -141,7 +141,7 @@ def _dw_wgrad_kernel(x_ptr, dy_ptr, out_ptr, nbr_ptr, M, C, ROWS_PER_SPLIT,
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
-        n, py, px = _row_position(rm, P)
+        n, _, py, px = _row_position(rm, P, 2)
         row, slot = _neighbour_row(nbr_ptr, n, py + dy_off, px + dx_off, m_ok, P, R)
         v = tl.load(x_ptr + row[:, None] * C + rc[None, :], mask=(slot >= 0)[:, None] & c_ok[None, :], other=0.0)
         g = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], mask=m_ok[:, None] & c_ok[None, :],

@@ -3,13 +3,16 @@
 SparK normalises with statistics of the visible pixels only. Once the visible
 pixels are rows, that is plain BatchNorm1d over the rows; this module adds the
 cases plain BatchNorm refuses (fewer than two rows) and the synchronized variant,
-which reduces (sum, sum of squares, count) across ranks in one all-reduce.
+whose statistics take ``ctssl.sparse.norm_stats``' one path (one all-reduce forward,
+one backward), like every backend's.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from .norm_stats import batch_norm_statistics, is_distributed
+from .precision import accumulation_dtype
 
 
 def running_momentum(bn: torch.nn.modules.batchnorm._BatchNorm) -> float:
@@ -42,7 +45,7 @@ def batch_norm_rows(
     an empty input returns itself.
     """
     use_batch_stats = training or running_mean is None
-    if use_batch_stats and _distributed(process_group):
+    if use_batch_stats and is_distributed(process_group):
         return SyncRowBatchNorm.apply(rows, weight, bias, running_mean, running_var, momentum, eps,
                                       process_group)
     if rows.shape[0] == 0:
@@ -53,8 +56,7 @@ def batch_norm_rows(
 
 
 def _batch_norm_few_rows(rows, weight, bias, eps):
-    stat_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    x = rows.to(stat_dtype)
+    x = rows.to(accumulation_dtype(rows.dtype))
     mean = x.mean(0, keepdim=True)
     var = (x - mean).pow(2).mean(0, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps)
@@ -65,65 +67,45 @@ def _batch_norm_few_rows(rows, weight, bias, eps):
     return y.to(rows.dtype)
 
 
-def _distributed(process_group) -> bool:
-    """Synchronize only when a process group is given (SyncBatchNorm) and it has several ranks."""
-    return (process_group is not None and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size(process_group) > 1)
+def row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of each column, in the accumulation dtype (torch ops)."""
+    var, mean = torch.var_mean(rows.to(accumulation_dtype(rows.dtype)), 0, correction=0)
+    return mean, var
 
 
 class SyncRowBatchNorm(torch.autograd.Function):
     """BatchNorm whose statistics and backward sums are reduced across ranks.
 
-    Forward all-reduces ``[sum, sum of squares, count]`` once; backward all-reduces
-    ``[sum(dy), sum(dy * xhat)]`` once. Weight and bias gradients stay local (DDP
-    averages them like any parameter gradient).
+    Statistics come from ``batch_norm_statistics`` (one all-reduce of the moments, running
+    statistics updated); the backward reduces ``[sum(dy), sum(dy * xhat)]`` with the statistics'
+    ``reduce_grad_sums``. Weight and bias gradients stay local (DDP averages them like any
+    parameter gradient).
     """
 
     @staticmethod
     def forward(ctx, rows, weight, bias, running_mean, running_var, momentum, eps, group):
-        stat_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        x = rows.to(stat_dtype)
-        C = x.shape[1]
-        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
-        dist.all_reduce(local, group=group)
-        count = local[-1]
-        n = float(count.item())
-        ctx.group, ctx.empty = group, n == 0
-        if n == 0:
-            return rows.clone()
-        mean = local[:C] / count
-        var = (local[C:2 * C] / count - mean * mean).clamp_min(0)
-        invstd = torch.rsqrt(var + eps)
-        if running_mean is not None and n > 1:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_((var * n / (n - 1)).to(running_var.dtype), alpha=momentum)
-        xhat = (x - mean) * invstd
+        stats = batch_norm_statistics(rows, running_mean, running_var, True, momentum, eps, group, row_moments)
+        x = rows.to(stats.mean.dtype)
+        xhat = (x - stats.mean) * stats.invstd
         y = xhat
         if weight is not None:
-            y = y * weight.to(stat_dtype)
+            y = y * weight.to(x.dtype)
         if bias is not None:
-            y = y + bias.to(stat_dtype)
-        ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.n = n
+            y = y + bias.to(x.dtype)
+        ctx.save_for_backward(xhat, weight)
+        ctx.stats = stats
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(rows.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.empty:
-            return dy, None, None, None, None, None, None, None
-        x, mean, invstd, weight = ctx.saved_tensors
-        dyf = dy.to(x.dtype)
-        xhat = (x - mean) * invstd
-        local_dy = dyf.sum(0)
-        local_dy_xhat = (dyf * xhat).sum(0)
-        sums = torch.cat([local_dy, local_dy_xhat])
-        dist.all_reduce(sums, group=ctx.group)
-        C = x.shape[1]
-        g_dy, g_dy_xhat = sums[:C] / ctx.n, sums[C:] / ctx.n
-        scale = invstd if weight is None else invstd * weight.to(x.dtype)
-        dx = (dyf - g_dy - xhat * g_dy_xhat) * scale
-        dweight = local_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = local_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        xhat, weight = ctx.saved_tensors
+        stats = ctx.stats
+        dyf = dy.to(xhat.dtype)
+        local = torch.stack([dyf.sum(0), (dyf * xhat).sum(0)])
+        sums, n = stats.reduce_grad_sums(local)
+        scale = stats.invstd if weight is None else stats.invstd * weight.to(xhat.dtype)
+        dx = (dyf - sums[0] / n - xhat * (sums[1] / n)) * scale
+        dweight = local[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = local[0].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx.to(dy.dtype), dweight, dbias, None, None, None, None, None

@@ -63,6 +63,7 @@ class PatchIndex:
     ``active`` is a boolean patch mask ``(B, h, w)`` (images) or ``(B, d, h, w)`` (volumes).
     """
 
+
     def __init__(self, active: torch.Tensor, patch_size: int = PATCH_SIZE):
         if active.dtype != torch.bool or active.dim() not in (3, 4):
             raise TypeError(f"active must be a (B, h, w) or (B, d, h, w) bool tensor, got {active.dtype} "
@@ -90,6 +91,7 @@ class PatchIndex:
         self._halo_plans: dict[tuple[int, int], HaloPlan] = {}
         self._dense_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._row_samples: dict[int, torch.Tensor] = {}
+        self._backend_caches: dict[str, dict] = {}
 
     # --- neighbours ----------------------------------------------------------
     @property
@@ -179,7 +181,7 @@ class PatchIndex:
             nb = nb * side + (o.reshape(-1) + r)
             src_local = src_local * p + s.reshape(-1)
         local = torch.arange(P ** self.ndim, device=dev)[ring]  # (R,)
-        nslot = self.neighbour_table(r).reshape(self.num_patches, -1)[:, nb[ring]]  # (N, R)
+        nslot = self.neighbour_table(r).reshape(self.num_patches, side ** self.ndim)[:, nb[ring]]  # (N, R)
         pos = torch.arange(self.num_patches, device=dev).view(-1, 1) * (P ** self.ndim) + local.view(1, -1)
         srcrow = nslot * (p ** self.ndim) + src_local[ring].view(1, -1)
         visible = nslot >= 0
@@ -193,3 +195,12 @@ class PatchIndex:
             ring_zero=pos[nslot == INACTIVE].contiguous(),
             ring_outside=pos[nslot == OUTSIDE].contiguous(),
         )
+
+    # --- per-backend caches -------------------------------------------------
+    def backend_cache(self, backend: str) -> dict:
+        """The dict where backend ``backend`` keeps what it derives from this batch (the tables in its
+        own formats, a library's coordinate maps), built on first use and dropped with the index.
+
+        The one place a backend stores state on the index: backends never set attributes of their own.
+        """
+        return self._backend_caches.setdefault(backend, {})

@@ -26,11 +26,11 @@ METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
 def _registered_encoders() -> tuple[str, ...]:
     from ctssl.models import encoder_names
 
-    return tuple(encoder_names())
+    return tuple(encoder_names(spatial_dims=2))
 
 
 ARCHS = _registered_encoders()
-"""Every encoder of ``ctssl.models``' registry (ResNets, ConvNeXts)."""
+"""Every 2-D encoder of ``ctssl.models``' registry (ResNets, ConvNeXts): pre-training reads CT slices."""
 OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")

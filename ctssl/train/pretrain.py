@@ -201,7 +201,7 @@ class _Run:
         self.plan = make_plan(cfg, len(self.store), ctx.world_size)
         from ctssl.sparse import get_backend
 
-        get_backend(cfg.backend, self.device)  # BackendUnavailableError: unknown or unusable here
+        get_backend(cfg.backend, self.device, training=True)  # BackendUnavailableError: unknown, unusable, no backward
         self.amp_dtype = amp_dtype(cfg, self.device)
         if self.resumed is None and not overwrite and ((self.out / LAST).exists() or (self.out / FINAL).exists()):
             raise ConfigError(f"{self.out} already holds a run ({LAST}); resume it with --resume, "

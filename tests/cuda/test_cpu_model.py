@@ -84,10 +84,10 @@ class _CountingOps:
 def test_block_tails_run_as_one_fused_batchnorm_pass(monkeypatch, arch, blocks, relu_bns, downsamples):
     """Every ``relu(bn(x))`` and ``relu(bn(x) + identity)`` is one bn_apply call; only the
     downsample BNs (read as a residual) run alone."""
-    from ctssl.sparse.backends import cuda
+    from ctssl.cuda_ops import batchnorm
 
     counting = _CountingOps(torch.ops.ctssl)
-    monkeypatch.setattr(cuda, "_ops", lambda: counting)
+    monkeypatch.setattr(batchnorm, "ops", lambda: counting)
     model = create_resnet(arch).double().train()
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     active = torch.ones(2, 2, 2, dtype=torch.bool)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ctssl.sparse import PatchIndex, get_backend
-from ctssl.sparse.backends.cuda import patch_tables, row_batch_norm
+from ctssl.cuda_ops.batchnorm import row_batch_norm
+from ctssl.cuda_ops.tables import patch_tables
 from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ctssl import _ext
+from ctssl.cuda_ops import runtime
 from ctssl.sparse import BackendUnavailableError, PatchIndex, get_backend
 from ctssl.sparse.backends.cuda import CudaBackend
 
@@ -11,6 +11,7 @@ from .helpers import EXT_REASON, needs_ext
 OPS = ["patch_tables", "pack_patches", "densify", "halo_gather", "halo_scatter", "masked_conv2d",
        "masked_conv2d_backward", "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply",
        "max_pool2d", "max_pool2d_backward"]
+assert sorted(OPS) == sorted(runtime.REQUIRED_OPS)
 
 
 def test_missing_extension_or_gpu_is_explained():
@@ -35,7 +36,7 @@ def test_backend_refuses_cpu_tensors_naming_itself():
 
 @needs_ext
 def test_schemas_are_registered():
-    assert _ext.load() is not None
+    assert runtime.load() is not None
     for name in OPS:
         schema = getattr(torch.ops.ctssl, name).default._schema
         assert str(schema).startswith(f"ctssl::{name}(")
@@ -107,14 +108,14 @@ def test_bad_arguments_raise_clear_errors(call, match):
 def test_missing_module_reasons_name_the_cause(monkeypatch):
     missing = ModuleNotFoundError("No module named 'ctssl._C'", name="ctssl._C")
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert "CPU-only build" in _ext._diagnose(missing)
+    assert "CPU-only build" in runtime._diagnose(missing)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(_ext, "_nvcc_found", lambda: False)
-    assert "no nvcc was found" in _ext._diagnose(missing)
-    monkeypatch.setattr(_ext, "_nvcc_found", lambda: True)
-    assert "without --no-build-isolation" in _ext._diagnose(missing)
+    monkeypatch.setattr(runtime, "_nvcc_found", lambda: False)
+    assert "no nvcc was found" in runtime._diagnose(missing)
+    monkeypatch.setattr(runtime, "_nvcc_found", lambda: True)
+    assert "without --no-build-isolation" in runtime._diagnose(missing)
     broken = ImportError("ctssl/_C.so: undefined symbol: _ZN3c10...")
-    assert "built against another torch" in _ext._diagnose(broken)
+    assert "built against another torch" in runtime._diagnose(broken)
 
 
 @needs_ext

@@ -10,10 +10,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ctssl import _ext, _fake_ops
+from ctssl.cuda_ops import runtime
+from ctssl.cuda_ops.batchnorm import row_batch_norm
+from ctssl.cuda_ops.conv import MaskedConv2d
+from ctssl.cuda_ops.layout import Densify, PackPatches
+from ctssl.cuda_ops.pool import MaskedMaxPool2d
+from ctssl.cuda_ops.tables import patch_tables
 from ctssl.sparse import PatchIndex, random_patch_mask
-from ctssl.sparse.backends.cuda import (Densify, MaskedConv2d, MaskedMaxPool2d, PackPatches, patch_tables,
-                                        row_batch_norm)
 
 from .helpers import needs_ext, needs_gpu
 from .test_extension import OPS
@@ -95,9 +98,9 @@ CASES = {
 
 
 def test_every_op_has_a_registered_fake():
-    assert _ext.load() is not None
-    assert _ext._state.get("fake_error") is None, _ext._state["fake_error"]
-    assert sorted(_fake_ops.FAKES) == sorted(OPS)
+    assert runtime.load() is not None
+    assert runtime._state.get("fake_error") is None, runtime._state["fake_error"]
+    assert sorted(runtime.FAKES) == sorted(OPS)
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ctssl::{name}", "Meta"), name
 
@@ -109,7 +112,7 @@ def test_cases_cover_every_op(d):
 @pytest.mark.parametrize("case", list(CASES))
 def test_opcheck(case, d):
     # No input requires grad: the ops have no autograd kernel by design (the autograd.Functions in
-    # backends/cuda.py are their derivatives), so test_autograd_registration would have nothing to check.
+    # ctssl.cuda_ops are their derivatives), so test_autograd_registration would have nothing to check.
     name, args = CASES[case](d)
     torch.library.opcheck(getattr(torch.ops.ctssl, name).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -223,14 +226,14 @@ def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
 
 def test_registration_skips_without_register_fake_and_never_breaks_load(monkeypatch):
     monkeypatch.delattr(torch.library, "register_fake")
-    assert _fake_ops.register() is False  # torch < 2.4
+    assert runtime.register_fakes() is False  # torch < 2.4
     monkeypatch.undo()
 
     def broken():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(_fake_ops, "register", broken)
-    monkeypatch.setattr(_ext, "_state", {})
+    monkeypatch.setattr(runtime, "register_fakes", broken)
+    monkeypatch.setattr(runtime, "_state", {})
     with pytest.warns(RuntimeWarning, match="fake impls of torch.ops.ctssl.* not registered.*boom"):
-        assert _ext.load() is not None
-    assert _ext.missing_reason() is None and "boom" in _ext._state["fake_error"]
+        assert runtime.load() is not None
+    assert runtime.missing_reason() is None and "boom" in runtime._state["fake_error"]

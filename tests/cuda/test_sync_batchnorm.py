@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ctssl.sparse.backends.cuda import row_batch_norm
+from ctssl.cuda_ops.batchnorm import row_batch_norm
 
 from ..sparse.helpers import run_ranks
 from .helpers import needs_ext

@@ -28,14 +28,15 @@ def edge_masks(batch: int, h: int, w: int, gen: torch.Generator) -> list[torch.T
     return [random, edge, single]
 
 
-def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1):
-    """A sparse map at ``stride``, built at stride 1 and brought down by non-overlapping average pooling."""
+def sparse_at(images: torch.Tensor, active: torch.Tensor, backend, stride: int = 1, patch_size: int = 32):
+    """A sparse map (images or volumes) at ``stride``, built at stride 1 and brought down by
+    non-overlapping average pooling."""
     from ctssl.sparse import PatchIndex, get_backend
 
     be = get_backend(backend) if isinstance(backend, str) else backend
-    x = be.sparse_input(images, PatchIndex(active))
+    x = be.sparse_input(images, PatchIndex(active, patch_size))
     if stride > 1:
-        x = be.avg_pool2d(x, stride, stride, 0)
+        x = getattr(be, f"avg_pool{x.ndim}d")(x, stride, stride, 0)
     return x
 
 
@@ -73,6 +74,20 @@ def run_model(model, images, active, backend, loss_weights=None):
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     buffers = {n: b.clone() for n, b in m.named_buffers()}
     return [mp.detach() for mp in maps], x.grad.clone(), grads, buffers, loss_weights
+
+
+def assert_runs_match(ref, out, tol):
+    """Two ``run_model`` results agree: every map, the image gradient, every parameter gradient, every buffer."""
+    maps_d, xg_d, g_d, b_d, _ = ref
+    maps_t, xg_t, g_t, b_t, _ = out
+    for a, b in zip(maps_t, maps_d):
+        assert rel_err(a, b) < tol
+    assert rel_err(xg_t, xg_d) < tol
+    assert g_d.keys() == g_t.keys() and len(g_d) > 0
+    for name in g_d:
+        assert rel_err(g_t[name], g_d[name]) < tol, name
+    for name in b_d:  # BN running statistics after the step
+        assert rel_err(b_t[name].double(), b_d[name].double()) < tol, name
 
 
 def random_batchnorm(channels: int, **kwargs):

@@ -44,3 +44,45 @@ def test_cli_lists_backends(capsys):
     assert backends([]) == 0
     out = capsys.readouterr().out
     assert "dense      available" in out and "torch      available" in out
+
+
+def test_cli_help_says_what_it_lists(capsys):
+    from ctssl.cli import backends
+    with pytest.raises(SystemExit) as done:
+        backends(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ctssl-backends") and "auto" in out
+
+
+def test_cli_says_what_auto_picks(capsys, monkeypatch):
+    from ctssl.cli import backends
+    from ctssl.sparse.backends import auto_backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends([]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"auto picks: cpu -> {auto_backend('cpu').name}; cuda -> (no GPU visible)"
+    assert auto_backend("cpu").name == "torch"
+
+
+@pytest.mark.parametrize("module,cls", [("ctssl.sparse.backends.cuda", "CudaBackend"),
+                                        ("ctssl.sparse.backends.minkowski", "MinkowskiBackend")])
+def test_2d_only_backends_refuse_volumes_with_the_reason(module, cls):
+    """Their operators and coordinate maps are 2-D: a volume is refused where the backend is chosen."""
+    import importlib
+
+    backend = getattr(importlib.import_module(module), cls)()
+    assert backend.spatial_dims == (2,)
+    backend.check_spatial_dims(2)
+    with pytest.raises(ValueError, match=rf"^backend '{backend.name}' does not implement sparse ops on 3-D volumes "
+                                         r"\(it supports 2-D\); use backend 'torch' or 'dense'$"):
+        backend.check_spatial_dims(3)
+
+
+def test_every_backend_declares_its_grids():
+    from ctssl.sparse.backends import _REGISTRY
+    import importlib
+
+    dims = {name: getattr(importlib.import_module(mod), cls).spatial_dims for name, (mod, cls) in _REGISTRY.items()}
+    assert dims == {"dense": (2, 3), "torch": (2, 3), "triton": (2, 3), "cuda": (2,), "spconv": (2, 3),
+                    "minkowski": (2,)}

@@ -8,8 +8,7 @@ from ctssl.models import ConvNeXt, convnext_tiny, create_encoder, encoder_names
 from ctssl.sparse import random_patch_mask
 from ctssl.sparse.backends.base import CONVNEXT_OPS
 
-from .helpers import edge_masks, rel_err, run_model
-from .test_resnet import _assert_same
+from .helpers import assert_runs_match, edge_masks, rel_err, run_model
 
 ARCHS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 
@@ -40,7 +39,7 @@ def test_small_convnext_torch_equals_dense_float64(train):
     for active in edge_masks(3, 2, 3, gen):
         ref = run_model(model, images, active, "dense")
         out = run_model(model, images, active, "torch", loss_weights=ref[4])
-        _assert_same(ref, out, 1e-9)
+        assert_runs_match(ref, out, 1e-9)
         assert len(ref[2]) == sum(1 for n, _ in model.named_parameters() if not n.startswith("head."))
         for m in ref[0]:
             assert torch.isfinite(m).all()
@@ -56,7 +55,7 @@ def test_convnext_tiny_torch_equals_dense_float64():
     active = torch.tensor([[[False, False]], [[False, True]]])
     ref = run_model(model, images, active, "dense")
     out = run_model(model, images, active, "torch", loss_weights=ref[4])
-    _assert_same(ref, out, 1e-9)
+    assert_runs_match(ref, out, 1e-9)
     assert len(ref[2]) == 178  # every parameter but the classifier head's four
     assert ref[1][1].abs().sum() > 0 and ref[1][0].abs().max() == 0  # image gradient only where visible
 
@@ -71,7 +70,7 @@ def test_drop_path_is_per_sample_and_the_same_on_every_backend():
     ref = run_model(model, images, active, "dense")
     torch.manual_seed(7)
     out = run_model(model, images, active, "torch", loss_weights=ref[4])
-    _assert_same(ref, out, 1e-9)
+    assert_runs_match(ref, out, 1e-9)
 
 
 def test_masked_maps_are_zero_where_masked_and_have_stage_shapes():

@@ -5,20 +5,7 @@ import torch
 from ctssl.models import create_resnet, resnet18, resnet50
 from ctssl.sparse import BackendUnavailableError, random_patch_mask
 
-from .helpers import edge_masks, rel_err, run_model
-
-
-def _assert_same(ref, out, tol):
-    maps_d, xg_d, g_d, b_d, _ = ref
-    maps_t, xg_t, g_t, b_t, _ = out
-    for a, b in zip(maps_t, maps_d):
-        assert rel_err(a, b) < tol
-    assert rel_err(xg_t, xg_d) < tol
-    assert g_d.keys() == g_t.keys() and len(g_d) > 0
-    for name in g_d:
-        assert rel_err(g_t[name], g_d[name]) < tol, name
-    for name in b_d:  # BN running statistics after the step
-        assert rel_err(b_t[name].double(), b_d[name].double()) < tol, name
+from .helpers import assert_runs_match, edge_masks, rel_err, run_model
 
 
 CASES = [  # (arch, batch, H, W): ResNet-18 covers sizes and batches, ResNet-50 the bottleneck path
@@ -46,7 +33,7 @@ def test_torch_backend_equals_dense_float64(arch, batch, H, W, train):
     for active in masks:
         ref = run_model(model, images, active, "dense")
         out = run_model(model, images, active, "torch", loss_weights=ref[4])
-        _assert_same(ref, out, 1e-9)
+        assert_runs_match(ref, out, 1e-9)
         for m in ref[0]:
             assert torch.isfinite(m).all()
 

@@ -153,11 +153,11 @@ def test_thread_count_restored_and_pairs_cached(backends):
         w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
         y1 = sp.conv2d(xs, w, None, 1, 1, 1, 1)
         assert torch.get_num_threads() == 2
-        pairs = [v for k, v in xs.index._spconv_cache.items() if k[0] == "pairs"]
+        pairs = [v for k, v in xs.index.backend_cache("spconv").items() if k[0] == "pairs"]
         assert len(pairs) == 1 and len(pairs[0]) == 1  # the SubM pairs of this stride, built once
         y2 = sp.conv2d(xs, w * 2, None, 1, 1, 1, 1)  # reuses them
         torch.testing.assert_close(y2.values, 2 * y1.values)
-        indices = xs.index._spconv_cache[("pixels", 4)][0]
+        indices = xs.index.backend_cache("spconv")[("pixels", 4)][0]
         assert indices.dtype == torch.int32 and indices.is_contiguous()
     finally:
         torch.set_num_threads(before)

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from ctssl.models import create_resnet
+from ctssl.models import create_resnet, resnet18_3d
 from ctssl.sparse import random_patch_mask
 from ctssl.sparse.backends.triton import TritonBackend
-from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
+from ctssl.sparse.modules import BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, MaxPool2d, MaxPool3d
 
 from .util import compare_module, rel_err
 
@@ -46,6 +46,23 @@ def test_batchnorm_and_pool_gpu(train):
                    train=train, device="cuda")
     compare_module(lambda: MaxPool2d(3, 2, 1), 64, 2, _gen(2), dtypes=DTYPES, size=(128, 128), batch=4,
                    device="cuda")
+
+
+@pytest.mark.parametrize("k,s,pad,stride,cin,cout", [
+    (7, 2, 3, 1, 1, 64), (3, 1, 1, 4, 64, 64), (3, 2, 1, 4, 128, 128), (1, 2, 0, 8, 128, 256), (3, 1, 1, 32, 256, 256),
+])
+def test_conv3d_gpu(k, s, pad, stride, cin, cout):
+    masks = [random_patch_mask(2, (2, 2, 3), 0.5, generator=_gen(k))]
+    compare_module(lambda: Conv3d(cin, cout, k, s, pad, bias=False), cin, stride, _gen(), dtypes=DTYPES,
+                   size=(64, 64, 96), batch=2, masks=masks, device="cuda")
+
+
+def test_batchnorm_and_pool_3d_gpu():
+    masks = [random_patch_mask(2, (2, 2, 3), 0.5, generator=_gen(6))]
+    compare_module(lambda: BatchNorm3d(64), 64, 4, _gen(1), dtypes=DTYPES, size=(64, 64, 96), batch=2, masks=masks,
+                   device="cuda")
+    compare_module(lambda: MaxPool3d(3, 2, 1), 64, 2, _gen(2), dtypes=DTYPES, size=(64, 64, 96), batch=2,
+                   masks=masks, device="cuda")
 
 
 def _resnet_step(model, images, active, backend, weights, autocast_dtype=None):
@@ -111,3 +128,22 @@ def test_deterministic_mode_is_bitwise_reproducible_on_gpu():
         assert torch.equal(a, b)
     fast = _resnet_step(model, images, active, TritonBackend(deterministic=False), weights, torch.bfloat16)
     assert max(rel_err(a, b) for a, b in zip(fast[:5], runs[0][:5])) < 5e-2
+
+
+def test_resnet18_3d_step_is_as_accurate_as_dense():
+    """The whole 3-D encoder (minutes in the interpreter, so on a GPU only), float32 and bf16 autocast."""
+    torch.manual_seed(0)
+    model = resnet18_3d().cuda().train()
+    images = torch.randn(2, 1, 96, 96, 96, device="cuda")
+    active = random_patch_mask(2, (3, 3, 3), 0.6, generator=_gen(7)).cuda()
+    weights = [torch.randn(2, c, *([96 // s] * 3), device="cuda")
+               for c, s in zip(model.feature_channels, model.feature_strides)]
+    truth = _resnet_step(model.double(), images.double(), active, "dense", [w.double() for w in weights])
+    model = model.float()
+    for dtype in (None, torch.bfloat16):
+        dense = _resnet_step(model, images, active, "dense", weights, dtype)
+        ours = _resnet_step(model, images, active, TritonBackend(), weights, dtype)
+        e_dense = torch.tensor([rel_err(a, b) for a, b in zip(dense, truth)])
+        e_ours = torch.tensor([rel_err(a, b) for a, b in zip(ours, truth)])
+        assert e_ours[:4].max() <= 2 * e_dense[:4].max() + 1e-3, (dtype, e_ours[:4], e_dense[:4])
+        assert e_ours.max() <= 3 * e_dense.max() + 1e-3, (dtype, e_ours.max(), e_dense.max())

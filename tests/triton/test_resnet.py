@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ctssl.models import create_resnet
+from ctssl.sparse.modules import ReLU
 
 from .util import F64, edge_masks, needs_triton, rel_err
 
@@ -52,16 +53,69 @@ def test_resnet18_eval_equals_dense():
     assert e.max() < 1e-4, e.max()
 
 
+def relu_branches(model, images, active, backend, loss_weights):
+    """``run_model``, plus the 0/1 pattern every ReLU call produced (dense maps, in call order)."""
+    m = copy.deepcopy(model)
+    pattern = []
+
+    def record(module, args, out):
+        with torch.no_grad():
+            pattern.append(out.to_dense() > 0)
+
+    for module in m.modules():
+        if isinstance(module, ReLU):
+            module.register_forward_hook(record)
+    return run_model(m, images, active, backend, loss_weights), pattern
+
+
+def dense_float64_on_branches(model, images, active, loss_weights, pattern):
+    """``run_model`` on dense in float64 with every ReLU replaced by its recorded 0/1 pattern: the exact
+    derivative of the piecewise-linear branch the recorded run took."""
+    m = copy.deepcopy(model).to(F64)
+    calls = iter(pattern)
+
+    def follow(module, args, out):
+        return out.with_values(args[0].values * next(calls).to(F64))
+
+    for module in m.modules():
+        if isinstance(module, ReLU):
+            module.inplace = False
+            module.register_forward_hook(follow)
+    out = run_model(m, images.to(F64), active, "dense", loss_weights)
+    assert next(calls, None) is None, "the reference made fewer ReLU calls than the run"
+    return out
+
+
+# Three 64 x 64 images: none visible, all four patches, three of four (7 rows at stride 32).
+BRANCH_MASK = torch.tensor([[[False, False], [False, False]], [[True, True], [True, True]],
+                            [[True, True], [False, True]]])
+BRANCH_BOUND = {"resnet18": 1e-4, "resnet50": 2e-3}
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_training_step_is_as_accurate_as_dense_float32(arch):
-    """Train mode: BN over the few visible rows of stride 32 amplifies float32 rounding in the
-    backward for every layout, so triton is judged against float64 next to dense float32's own error."""
-    batch, W = (3, 96) if arch == "resnet18" else (2, 64)
-    model, images, active, weights, truth = _setup(arch, batch, 64, W, train=True)
-    dense32 = errors(run_model(model, images, active, "dense", weights), truth)
-    ours = errors(run_model(model, images, active, "triton", weights), truth)
-    assert ours[:4].max() <= 3 * dense32[:4].max() + 1e-5, (ours[:4], dense32[:4])  # forward maps
-    assert ours.max() <= 3 * dense32.max() + 1e-4, (ours.max(), dense32.max())
+def test_training_step_equals_float64_on_the_same_relu_branches(arch):
+    """Train mode: every map, the image gradient, every parameter gradient and BN buffer within float32
+    rounding of float64.
+
+    Plain float64 is no yardstick here, because of ReLU's kink: a pre-activation within float32 rounding
+    of 0 takes the other branch in float32 (5 to 45 of them in a ResNet-50 step at 64 to 128 px), and
+    each flip moves the gradient by that element's share: 1-4% for every float32 layout, the emulation's
+    too; 20-35% when BatchNorm normalises the 4 rows that one 64 px image keeps at stride 32 (the old
+    test's batch). So the reference is the float64 derivative of the branch the run took (each ReLU
+    replaced by the 0/1 pattern it produced, a linear map), on a batch with 7 rows at stride 32 and an
+    empty image. What is left is rounding, measured on dense float32 and triton float32 alike: about
+    1.5e-5 (ResNet-18) and 4-10e-4 (ResNet-50, seeds 5-7), bounded by BRANCH_BOUND; dense float32
+    is held to the same bound, so a failure of that check means the batch lost its conditioning."""
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    model = create_resnet(arch, in_chans=1).train()
+    images = torch.randn(3, 1, 64, 64, generator=gen)
+    weights = [torch.randn(3, c, 64 // s, 64 // s, generator=gen, dtype=F64)
+               for c, s in zip(model.feature_channels, model.feature_strides)]
+    for backend in ("dense", "triton"):
+        out, pattern = relu_branches(model, images, BRANCH_MASK, backend, weights)
+        e = errors(out, dense_float64_on_branches(model, images, BRANCH_MASK, weights, pattern))
+        assert e.max() < BRANCH_BOUND[arch], (backend, float(e.max()), int(e.argmax()))
 
 
 def test_resnet18_float16_step_is_as_accurate_as_torch_backend_float16():

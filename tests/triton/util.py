@@ -31,11 +31,11 @@ def grad_weight(shape, seed: int = 7) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-def run_module(module, images, active, backend, stride, dtype):
+def run_module(module, images, active, backend, stride, dtype, patch_size=32):
     """Forward + backward of ``module`` on a sparse map; returns output, input/param grads and buffers."""
     m = copy.deepcopy(module).to(dtype)
     x = images.detach().to(dtype).requires_grad_(True)
-    y = m(sparse_at(x, active, backend, stride))
+    y = m(sparse_at(x, active, backend, stride, patch_size))
     dense = y.to_dense()
     (dense * grad_weight(dense.shape).to(dense.device, dtype)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -56,20 +56,21 @@ def assert_close(out: dict, ref: dict, tol: float, what: str = "") -> None:
 
 
 def compare_module(make, cin, stride, gen, dtypes=(torch.float32,), size=(64, 96), batch=3, train=True,
-                   masks=None, tol=None, device="cpu"):
-    """``make()`` on the triton backend in each dtype against the dense backend in float64."""
-    H, W = size
-    images = torch.randn(batch, cin, H, W, generator=gen, dtype=F64)
+                   masks=None, tol=None, device="cpu", patch_size=32):
+    """``make()`` on the triton backend in each dtype against the dense backend in float64.
+
+    ``size`` (H, W) gives images, (D, H, W) volumes (pass their ``masks``)."""
+    images = torch.randn(batch, cin, *size, generator=gen, dtype=F64)
     if torch.float16 in dtypes or torch.bfloat16 in dtypes:  # the same (representable) inputs for every dtype
         images = images.to(torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16).double()
     images = images.to(device)
     module = make().to(F64).to(device).train(train)
-    for active in masks if masks is not None else edge_masks(batch, H // 32, W // 32, gen):
+    for active in masks if masks is not None else edge_masks(batch, size[0] // 32, size[1] // 32, gen):
         active = active.to(device)
-        ref = run_module(module, images, active, "dense", stride, F64)
+        ref = run_module(module, images, active, "dense", stride, F64, patch_size)
         for dtype in dtypes:
-            out = run_module(module, images, active, "triton", stride, dtype)
+            out = run_module(module, images, active, "triton", stride, dtype, patch_size)
             assert_close(out, ref, tol or TOL[dtype], f"{dtype} mask {active.flatten(1).sum(1).tolist()}")
             # masked positions are exactly zero
-            mask = PatchIndex(active).dense_mask(out["stride"])
+            mask = PatchIndex(active, patch_size).dense_mask(out["stride"])
             assert (out["out"] * ~mask).abs().max() == 0

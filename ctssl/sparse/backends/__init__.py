@@ -7,6 +7,7 @@ and then fails at selection with a message that says why and what to install.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -30,6 +31,7 @@ _NEEDS: dict[str, str] = {
 AUTO_ORDER_GPU = ("triton", "cuda", "torch")
 AUTO_ORDER_CPU = ("torch",)
 _instances: dict[str, Backend] = {}
+_warned: set[tuple[str, str]] = set()  # (backend, device) whose failed self-check was reported
 
 
 class BackendUnavailableError(ValueError):
@@ -72,31 +74,71 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None, *, ops=None,
-                model: str = "this model") -> Backend:
+def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None, *,
+                training: bool = False, ops=None, model: str = "this model") -> Backend:
     """The backend called ``name`` (``auto`` picks the fastest usable one for ``device``).
 
     Fails here, not deep inside a forward, when the name is unknown or the backend
-    cannot run: the message lists what is usable and what the missing one needs.
-    ``ops`` (names from ``base.OPS``, e.g. an encoder's ``sparse_ops``) are the ops
-    ``model`` needs: ``auto`` only picks a backend that has them, a named backend
-    without them is refused with its reason.
+    cannot run (with ``training``: cannot run the backward) on ``device``: the message
+    lists what is usable and what the missing one needs. ``ops`` (names from ``base.OPS``,
+    e.g. an encoder's ``sparse_ops``) are the ops ``model`` needs: ``auto`` only picks a
+    backend that has them, a named backend without them is refused with its reason.
     """
+    backend = _select(name, device, ops)
+    if training and device is not None:
+        reason = backend.training_unsupported_reason(torch.device(device))
+        if reason:
+            raise BackendUnavailableError(f"backend {backend.name!r} cannot train on {torch.device(device)}: {reason}")
+    if ops is not None:
+        backend.check_ops(ops, model)
+    return backend
+
+
+def auto_backend(device: torch.device | str | None = None, *, check: bool = True, ops=None) -> Backend:
+    """What ``auto`` picks for ``device``: the first usable backend of ``AUTO_ORDER_GPU`` on a CUDA
+    device, of ``AUTO_ORDER_CPU`` elsewhere (``torch`` when none is), among those with ``ops``.
+
+    A backend with custom kernels (``self_check_before_auto``) must first pass its self-check on the
+    device (run once, then cached: ``ctssl.sparse.self_check``); one that fails is skipped with one
+    warning naming the failure. ``check=False`` runs no check (a cached failure still skips).
+    """
+    from .. import self_check
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    failed = []
+    chosen = None
+    for candidate in AUTO_ORDER_GPU if dev.type == "cuda" else AUTO_ORDER_CPU:
+        backend, _ = _load(candidate)
+        if backend is None or (ops is not None and not set(ops) <= backend.supported_ops):
+            continue
+        if backend.self_check_before_auto:
+            verdict = self_check.check(backend, dev) if check else self_check.cached_verdict(backend, dev)
+            if verdict is not None and not verdict.ok:
+                failed.append(verdict)
+                continue
+        chosen = backend
+        break
+    if chosen is None:
+        chosen = _select("torch", None)
+    for verdict in failed:
+        if (verdict.backend, verdict.device) not in _warned:
+            _warned.add((verdict.backend, verdict.device))
+            warnings.warn(f"ctssl: backend {verdict.backend!r} failed its self-check on {verdict.device} "
+                          f"({verdict.error}); `auto` uses {chosen.name!r} instead (`ctssl-backends --check` "
+                          f"runs the checks again; verdicts are cached in {self_check.cache_dir()})",
+                          RuntimeWarning, stacklevel=4)
+    return chosen
+
+
+def _select(name: str | Backend, device, ops=None) -> Backend:
     if isinstance(name, Backend):
         if device is not None:
             name.check_device(torch.device(device))
-        if ops is not None:
-            name.check_ops(ops, model)
         return name
     if not isinstance(name, str):
         raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
     if name == "auto":
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        for candidate in AUTO_ORDER_GPU if on_gpu else AUTO_ORDER_CPU:
-            backend, _ = _load(candidate)
-            if backend is not None and (ops is None or set(ops) <= backend.supported_ops):
-                return backend
-        name = "torch"
+        return auto_backend(device, ops=ops)
     if name not in _REGISTRY:
         raise BackendUnavailableError(
             f"unknown backend {name!r}; choose one of {', '.join(['auto', *_REGISTRY])} "
@@ -111,12 +153,10 @@ def get_backend(name: str | Backend = "dense", device: torch.device | str | None
         )
     if device is not None:
         backend.check_device(torch.device(device))
-    if ops is not None:
-        backend.check_ops(ops, model)
     return backend
 
 
 __all__ = [
-    "Backend", "BackendUnavailableError", "available_backends", "backend_status", "get_backend",
+    "Backend", "BackendUnavailableError", "auto_backend", "available_backends", "backend_status", "get_backend",
     "register_backend", "AUTO_ORDER_GPU", "AUTO_ORDER_CPU",
 ]

@@ -2,7 +2,9 @@
 
 Every backend implements the semantics of design.md section 2 (the ``dense``
 backend *is* that definition). Elementwise operations are shared here because
-they map 0 to 0 in any layout.
+they map 0 to 0 in any layout; so is the pending-BatchNorm protocol
+(``ctssl.sparse.pending``), through which a backend fuses BatchNorm with the
+activation and residual add that follow it.
 
 A model states the ops it needs (an encoder's ``sparse_ops``, names from ``OPS``) and a
 backend the ops it has (``supported_ops``); ``check_ops`` refuses a model a backend cannot
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..index import PatchIndex
+from ..pending import PendingBN, fuse_activation, fuse_add
 from ..tensor import SparseTensor
 
 
@@ -25,7 +28,9 @@ OPS: dict[str, str] = {
     "linear": "a Linear over the channels of each visible position",
     "max_pool": "max pooling",
     "avg_pool": "average pooling",
+    "instance_norm": "InstanceNorm over each sample's visible positions",
     "relu": "ReLU / ReLU6",
+    "leaky_relu": "LeakyReLU",
     "gelu": "GELU",
     "scale_channels": "per-channel scale (layer scale)",
     "scale_samples": "per-sample scale (stochastic depth)",
@@ -59,6 +64,10 @@ def check_aligned(op: str, x: SparseTensor, kernel, stride, padding, dilation=1)
     by the stride (so the same patches stay visible); anything else is refused.
     """
     n = x.ndim
+    for what, v in (("kernel", kernel), ("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if isinstance(v, (tuple, list)) and len(v) != n:
+            raise ValueError(f"{op}: {what} {tuple(v)} has {len(v)} axes but the map has {n} spatial axes "
+                             f"(dense shape {x.dense_shape})")
     k, s, pad, d = ntuple(kernel, n), ntuple(stride, n), ntuple(padding, n), ntuple(dilation, n)
     p = x.patch_side
     for axis in range(n):
@@ -88,9 +97,12 @@ class Backend:
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
     spatial_dims: tuple[int, ...] = (2,)
-    supported_ops: frozenset[str] = RESNET_OPS | {"avg_pool"}
+    supported_ops: frozenset[str] = RESNET_OPS | {"avg_pool", "leaky_relu"}
     unsupported_ops_reason: str = "not implemented in this backend"
     """Why the ops missing from ``supported_ops`` are missing (shown when a model needs them)."""
+    self_check_before_auto: bool = False
+    """Custom kernels: ``auto`` selects this backend on a device only after it passed its self-check there
+    (``ctssl.sparse.self_check``)."""
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not and what to install."""
@@ -116,6 +128,9 @@ class Backend:
         if missing:
             raise ValueError(f"backend {self.name!r} cannot run {model}: it has no {', '.join(missing)} op "
                              f"({self.unsupported_ops_reason}); use backend 'torch', 'triton' or 'dense'")
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        """None when this backend can train on ``device`` (run the backward), else why not and what to use."""
+        return None
 
     # --- layout conversion -------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -138,7 +153,14 @@ class Backend:
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None) -> SparseTensor:
+        """BatchNorm over the visible positions (design.md section 2). A backend with a fused apply pass
+        may return a ``ctssl.sparse.pending.PendingBatchNorm``: statistics final, apply deferred."""
         raise NotImplementedError
+
+    def instance_norm(self, x, weight, bias, eps) -> SparseTensor:
+        """InstanceNorm over the visible positions: statistics per (sample, channel) over that sample's visible
+        positions, output 0 where masked; no running statistics."""
+        raise NotImplementedError(f"backend {self.name!r} has no instance_norm")
 
     def max_pool2d(self, x, kernel_size, stride, padding) -> SparseTensor:
         raise NotImplementedError
@@ -169,23 +191,38 @@ class Backend:
     def linear(self, x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> SparseTensor:
         """``x @ weight.T + bias`` at every visible position; masked positions stay 0 (no bias there)."""
         raise NotImplementedError
+    # --- pending BatchNorm (ctssl.sparse.pending) ---------------------------
+    pending_activations: frozenset[str] = frozenset()
+    """Activations ``apply_pending`` folds into a pending BatchNorm's apply pass ("relu", "relu6")."""
+    pending_pairs: bool = False
+    """Whether ``apply_pending`` takes ``bn1(x1) + bn2(x2)`` (else a second BatchNorm is read as a residual)."""
+
+    def apply_pending(self, pending: PendingBN, activation: str | None) -> torch.Tensor:
+        """The rows of ``activation(bn1(x1) [+ bn2(x2)] [+ res])`` for a ``PendingBN`` this backend's
+        ``batch_norm`` deferred; ``activation`` is None or one of ``pending_activations``. Differentiable
+        like the ops it replaces. Needed only by backends that return ``PendingBatchNorm``."""
+        raise NotImplementedError(f"backend {self.name!r} returns no pending BatchNorm")
 
     # --- elementwise: 0 maps to 0, so every layout shares these ---------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return x.map(lambda v: F.relu(v, inplace=inplace))
+        return fuse_activation(x, "relu") or x.map(lambda v: F.relu(v, inplace=inplace))
 
     def relu6(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return x.map(lambda v: F.relu6(v, inplace=inplace))
+        return fuse_activation(x, "relu6") or x.map(lambda v: F.relu6(v, inplace=inplace))
+
+    def leaky_relu(self, x: SparseTensor, negative_slope: float = 0.01, inplace: bool = False) -> SparseTensor:
+        return x.map(lambda v: F.leaky_relu(v, negative_slope, inplace))
 
     def gelu(self, x: SparseTensor, approximate: str = "none") -> SparseTensor:
         return x.map(lambda v: F.gelu(v, approximate=approximate))
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
+        """``a + b``; a pending BatchNorm on either side stays pending with the other folded in."""
         if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:
             raise ValueError("can only add sparse tensors of the same batch index and stride")
         if a.backend is not b.backend and a.backend.name != b.backend.name:
             raise ValueError(f"cannot add tensors of backends {a.backend.name} and {b.backend.name}")
-        return a.with_values(a.values + b.values)
+        return fuse_add(a, b) or a.with_values(a.values + b.values)
 
     def __repr__(self) -> str:
         return f"<ctssl backend {self.name!r}>"

@@ -1,9 +1,10 @@
 """The ``dense`` backend: SparK's emulation, and the reference every backend meets.
 
 Every op runs densely on the full map and is then multiplied by the patch mask at
-its output resolution; BatchNorm and LayerNorm gather the visible pixels with a
-boolean index, normalise them and scatter them back into zeros, exactly as SparK's
-code does. A Linear over channels is masked like a conv (its bias would otherwise
+its output resolution; BatchNorm gathers the visible pixels with a boolean index,
+normalises them and scatters them back into zeros, exactly as SparK's code does
+(InstanceNorm likewise, with statistics per sample; LayerNorm over each position's
+channels too). A Linear over channels is masked like a conv (its bias would otherwise
 fill masked positions). Images and volumes alike: the ops are torch's 2-D or 3-D ones.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batchnorm_rows import batch_norm_rows
+from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
 from ..tensor import MaskedDenseTensor, SparseTensor
 from .base import ALL_OPS, Backend, check_aligned
@@ -64,22 +66,28 @@ class DenseBackend(Backend):
     max_pool2d = max_pool3d = _max_pool
     avg_pool2d = avg_pool3d = _avg_pool
 
-    def _on_visible_rows(self, x: SparseTensor, fn) -> SparseTensor:
-        """SparK's gather-scatter: ``fn`` on the visible positions as rows ``(n, C)``, zeros elsewhere."""
+    def _on_visible_rows(self, x, fn) -> SparseTensor:
+        """``fn(rows, samples)`` on the visible positions gathered as rows (``samples``: each row's sample),
+        scattered back into zeros: SparK's gather-normalise-scatter."""
         mask = x.index.dense_mask(x.stride).squeeze(1)  # (B, *spatial)
         values = channels_last(x.values)
-        rows = fn(values[mask])
+        samples = torch.arange(mask.shape[0], device=mask.device).view(-1, *([1] * x.ndim)).expand_as(mask)
+        rows = fn(values[mask], samples[mask])
         out = torch.zeros(values.shape, dtype=rows.dtype, device=rows.device)
         out[mask] = rows
         return MaskedDenseTensor(out.movedim(-1, 1), x.index, x.stride, self)
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None):
-        return self._on_visible_rows(x, lambda rows: batch_norm_rows(
+        return self._on_visible_rows(x, lambda rows, _: batch_norm_rows(
             rows, weight, bias, running_mean, running_var, training, momentum, eps, process_group))
 
+    def instance_norm(self, x, weight, bias, eps):
+        return self._on_visible_rows(x, lambda rows, samples: instance_norm_rows(
+            rows, weight, bias, samples, x.index.batch_size, eps))
+
     def layer_norm(self, x, weight, bias, eps):
-        return self._on_visible_rows(x, lambda rows: F.layer_norm(rows, rows.shape[1:], weight, bias, eps))
+        return self._on_visible_rows(x, lambda rows, _: F.layer_norm(rows, rows.shape[1:], weight, bias, eps))
 
     def linear(self, x, weight, bias):
         y = F.linear(channels_last(x.values), weight, bias).movedim(-1, 1)

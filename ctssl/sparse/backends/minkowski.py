@@ -41,8 +41,9 @@ class MinkowskiBackend(TorchBackend):
     """Packed rows, spatial ops through MinkowskiEngine convolutions (dimension 2)."""
 
     name = "minkowski"
+    spatial_dims = (2,)  # coordinate maps and kernels of dimension 2 only
     needs = BUILD_HINT
-    supported_ops = Backend.supported_ops
+    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
     unsupported_ops_reason = ("MinkowskiEngine has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/"
                               "GELU would be the torch backend's")
 
@@ -80,11 +81,11 @@ class MinkowskiBackend(TorchBackend):
 
     # --- per-batch coordinate maps, cached on the index -------------------------
     def _maps(self, index: PatchIndex, device: torch.device) -> dict:
-        cache = getattr(index, "_minkowski_cache", None)
-        if cache is None:
+        cache = index.backend_cache(self.name)
+        if "manager" not in cache:
             me = self._engine()
             kind = me.CoordinateMapType.GPU if device.type == "cuda" else me.CoordinateMapType.CPU
-            cache = index._minkowski_cache = {"manager": me.CoordinateManager(D=2, coordinate_map_type=kind)}
+            cache["manager"] = me.CoordinateManager(D=2, coordinate_map_type=kind)
         return cache
 
     def _map(self, index: PatchIndex, stride: int, device: torch.device):

@@ -4,10 +4,11 @@ The fallback where no custom kernel fits. Rows stay in ``TorchBackend``'s packed
 order (slot-major, row-major inside a patch), so BatchNorm, ReLU, add, densify and
 stochastic depth are inherited unchanged; only the spatial ops go through spconv,
 whose pixel-level ``SparseConvTensor`` is built on the same rows with (b, y, x)
-indices cached on the ``PatchIndex`` per stride (``index._spconv_cache``):
+indices ((b, z, y, x) for volumes) cached on the ``PatchIndex`` per stride
+(``index.backend_cache("spconv")``). Images use spconv's 2-D modules, volumes its 3-D ones:
 
-- stride-1 k x k conv: ``SubMConv2d`` (outputs at the input pixels, in their order);
-- strided conv and max pool: ``SparseConv2d`` / ``SparseMaxPool2d`` produce the
+- stride-1 k x k conv: ``SubMConv2d`` / ``SubMConv3d`` (outputs at the input pixels, in their order);
+- strided conv and max pool: ``SparseConvNd`` / ``SparseMaxPoolNd`` produce the
   *dilated* active set in their own order; the visible output pixels (a subset,
   because the patch grid is aligned) are gathered from it, restricting the output
   to the visible patches at the output resolution;
@@ -15,8 +16,8 @@ indices cached on the ``PatchIndex`` per stride (``index._spconv_cache``):
 - average pooling and grouped convs have no spconv counterpart with SparK's
   semantics (spconv averages over active sites, has no groups): inherited halo path.
 
-Weights stay the torch module's ``(Cout, Cin, kh, kw)`` tensor; every call permutes
-it to spconv's KRSC layout ``(Cout, kh, kw, Cin)``, differentiably. spconv computes a
+Weights stay the torch module's ``(Cout, Cin, *kernel)`` tensor; every call permutes
+it to spconv's KRSC layout ``(Cout, *kernel, Cin)``, differentiably. spconv computes a
 cross-correlation like torch (no kernel flip), which the tests check against dense.
 
 spconv's CPU build runs forward only and is wrong with several threads: CPU calls
@@ -26,6 +27,7 @@ Neither spconv nor spconv-triton has bf16 kernels: bf16 is computed in float32.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -35,7 +37,7 @@ from torch.func import functional_call
 
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import Backend, check_aligned, pair
+from .base import Backend, check_aligned, ntuple
 from .torch_packed import TorchBackend
 
 INSTALL_HINT = (
@@ -76,13 +78,14 @@ class _ForwardOnlyOnCpu(torch.autograd.Function):
         raise RuntimeError(SPCONV_CPU_NO_BACKWARD)
 
 
-def packed_pixels(index: PatchIndex, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image, row and column (at ``stride``) of every packed row, in the packed order."""
-    p = index.patch_side(stride)
-    py = torch.arange(p, device=index.device).repeat_interleave(p)
-    px = torch.arange(p, device=index.device).repeat(p)
-    b, i, j = (index.coords[:, k:k + 1] for k in range(3))
-    return b.expand(-1, p * p).reshape(-1), (i * p + py).reshape(-1), (j * p + px).reshape(-1)
+def packed_pixels(index: PatchIndex, stride: int) -> tuple[torch.Tensor, ...]:
+    """Sample, then row and column (volumes: depth, row, column) at ``stride`` of every packed row, in the
+    packed order."""
+    p, nd = index.patch_side(stride), index.ndim
+    side = torch.arange(p, device=index.device)
+    local = [g.reshape(1, -1) for g in torch.meshgrid(*([side] * nd), indexing="ij")]  # row-major in the patch
+    b = index.coords[:, :1].expand(-1, p ** nd).reshape(-1)
+    return (b, *((index.coords[:, 1 + a:2 + a] * p + local[a]).reshape(-1) for a in range(nd)))
 
 
 def _import(module: str):
@@ -106,8 +109,9 @@ class SpconvBackend(TorchBackend):
     """Packed rows, spatial ops through spconv (``impl``: "spconv", "spconv_triton" or None = auto)."""
 
     name = "spconv"
+    spatial_dims = (2, 3)
     needs = INSTALL_HINT
-    supported_ops = Backend.supported_ops
+    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
     unsupported_ops_reason = ("spconv has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/GELU "
                               "would be the torch backend's")
 
@@ -165,30 +169,29 @@ class SpconvBackend(TorchBackend):
     def check_device(self, device: torch.device) -> None:
         self._impl_for(torch.device(device))
 
+    def training_unsupported_reason(self, device: torch.device) -> str | None:
+        if torch.device(device).type == "cpu":
+            return ("spconv's CPU build runs forward only (no backward): train with backend 'torch' on the CPU, "
+                    "or with spconv on a CUDA GPU (spconv-cu12x or spconv-triton)")
+        return None
+
     # --- per-batch tables, cached on the index --------------------------------
-    @staticmethod
-    def _cache(index: PatchIndex) -> dict:
-        cache = getattr(index, "_spconv_cache", None)
-        if cache is None:
-            cache = index._spconv_cache = {}
-        return cache
+    def _cache(self, index: PatchIndex) -> dict:
+        return index.backend_cache(self.name)
 
     def _pixels(self, index: PatchIndex, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, y, x) of every packed row at ``stride``: int32 ``(M, 3)`` contiguous, and flat keys."""
+        """(b, [z,] y, x) of every packed row at ``stride``: int32 ``(M, 1 + ndim)`` contiguous, and flat keys."""
         cache = self._cache(index)
         key = ("pixels", stride)
         if key not in cache:
-            b, y, x = packed_pixels(index, stride)
-            p = index.patch_side(stride)
-            H, W = index.h * p, index.w * p
+            pixels = packed_pixels(index, stride)
             # spconv silently computes garbage from non-contiguous indices: force the layout
-            indices = torch.stack([b, y, x], dim=1).to(torch.int32).contiguous()
-            cache[key] = (indices, (b * H + y) * W + x)
+            indices = torch.stack(pixels, dim=1).to(torch.int32).contiguous()
+            cache[key] = (indices, _flat_keys(pixels, self._spatial(index, stride)))
         return cache[key]
 
     def _spatial(self, index: PatchIndex, stride: int) -> list[int]:
-        p = index.patch_side(stride)
-        return [index.h * p, index.w * p]
+        return list(index.dense_grid(stride))
 
     def _sparse(self, sp, impl: str, features: torch.Tensor, x: SparseTensor, training: bool):
         """A SparseConvTensor on the packed rows, sharing this stride's cached SubM pairs."""
@@ -199,10 +202,9 @@ class SpconvBackend(TorchBackend):
 
     def _visible_rows(self, out, index: PatchIndex, stride: int) -> torch.Tensor:
         """Positions in spconv's output of the visible pixels at ``stride``, in packed order."""
-        H, W = self._spatial(index, stride)
-        oi = out.indices.long()
-        keys = (oi[:, 0] * H + oi[:, 1]) * W + oi[:, 2]
-        table = torch.full((index.batch_size * H * W,), -1, dtype=torch.long, device=keys.device)
+        spatial = self._spatial(index, stride)
+        keys = _flat_keys(out.indices.long().unbind(1), spatial)
+        table = torch.full((index.batch_size * math.prod(spatial),), -1, dtype=torch.long, device=keys.device)
         table[keys] = torch.arange(keys.numel(), device=keys.device)
         rows = table[self._pixels(index, stride)[1]]
         if bool((rows < 0).any()):
@@ -215,7 +217,8 @@ class SpconvBackend(TorchBackend):
         key = ("masked_window", stride, kernel, step, padding)
         if key not in cache:
             masked = (~index.dense_mask(stride)).to(torch.float32)
-            hit = F.max_pool2d(masked, kernel, step, padding) > 0  # max_pool pads with -inf: outside is not masked
+            pool = F.max_pool3d if index.ndim == 3 else F.max_pool2d
+            hit = pool(masked, kernel, step, padding) > 0  # max_pool pads with -inf: outside is not masked
             cache[key] = hit.reshape(-1)[self._pixels(index, stride * step[0])[1]]
         return cache[key]
 
@@ -247,36 +250,38 @@ class SpconvBackend(TorchBackend):
         return self._modules[key]
 
     # --- ops ---------------------------------------------------------------
-    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
-        out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
-        k, s, pad, d = pair(weight.shape[-2:]), pair(stride), pair(padding), pair(dilation)
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):
+        nd, op = x.ndim, f"conv{x.ndim}d"
+        out_stride = check_aligned(op, x, weight.shape[2:], stride, padding, dilation)
+        k, s, pad, d = tuple(weight.shape[2:]), ntuple(stride, nd), ntuple(padding, nd), ntuple(dilation, nd)
         if groups != 1:
-            return super().conv2d(x, weight, bias, stride, padding, dilation, groups)
+            return super()._conv(x, weight, bias, stride, padding, dilation, groups)
         if x.values.shape[1] != weight.shape[1]:
-            raise ValueError(f"backend spconv conv2d: input has {x.values.shape[1]} channels, the weight "
+            raise ValueError(f"backend spconv {op}: input has {x.values.shape[1]} channels, the weight "
                              f"{tuple(weight.shape)} expects {weight.shape[1]}")
-        if k == (1, 1):  # pointwise: a matmul on the rows
-            return super().conv2d(x, weight, bias, stride, padding, dilation, groups)
+        if set(k) == {1}:  # pointwise: a matmul on the rows
+            return super()._conv(x, weight, bias, stride, padding, dilation, groups)
         cout, cin = weight.shape[0], weight.shape[1]
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values.new_zeros(0, cout), x.index, out_stride, self)
+        if x.index.num_patches == 0:  # nothing visible: the torch path keeps the (empty) graph
+            return super()._conv(x, weight, bias, stride, padding, dilation, groups)
         impl = self._impl_for(x.values.device)
         sp = self._namespace(impl)
         dtype = self._compute_dtype(x.values.dtype)
         training = torch.is_grad_enabled()
-        subm = s == (1, 1)
+        subm = set(s) == {1}
         spec = dict(in_channels=cin, out_channels=cout, kernel_size=k, stride=s, padding=pad, dilation=d,
                     bias=bias is not None)
         if subm:
-            spec["indice_key"] = f"ctssl_subm_k{k[0]}x{k[1]}_p{pad[0]}x{pad[1]}_d{d[0]}x{d[1]}"
-        module = self._module(sp, impl, "SubMConv2d" if subm else "SparseConv2d", **spec)
+            spec["indice_key"] = "ctssl_subm_" + "_".join(f"{n}{'x'.join(map(str, v))}" for n, v in
+                                                          (("k", k), ("p", pad), ("d", d)))
+        module = self._module(sp, impl, f"SubMConv{nd}d" if subm else f"SparseConv{nd}d", **spec)
         if list(module.weight_shape) != [cout, *k, cin]:
             raise RuntimeError(f"backend spconv: {impl} expects weights of shape {module.weight_shape}, not the "
                                f"KRSC layout {[cout, *k, cin]} this backend converts to (unsupported spconv version)")
         module.train(training)
 
         def run(values, w, b):
-            params = {"weight": w.to(dtype).permute(0, 2, 3, 1).contiguous()}
+            params = {"weight": w.to(dtype).permute(0, *range(2, 2 + nd), 1).contiguous()}
             if b is not None:
                 params["bias"] = b.to(dtype)
             st = self._sparse(sp, impl, values.to(dtype), x, training)
@@ -290,15 +295,16 @@ class SpconvBackend(TorchBackend):
         return PackedTensor(y.to(x.values.dtype) if x.values.dtype == torch.bfloat16 else y, x.index, out_stride,
                             self)
 
-    def max_pool2d(self, x, kernel_size, stride, padding):
-        out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
-        k, s, pad = pair(kernel_size), pair(stride), pair(padding)
+    def _max_pool(self, x, kernel_size, stride, padding):
+        nd = x.ndim
+        out_stride = check_aligned(f"max_pool{nd}d", x, kernel_size, stride, padding)
+        k, s, pad = ntuple(kernel_size, nd), ntuple(stride, nd), ntuple(padding, nd)
         if x.index.num_patches == 0:
-            return PackedTensor(x.values, x.index, out_stride, self)
+            return super()._max_pool(x, kernel_size, stride, padding)
         impl = self._impl_for(x.values.device)
         sp = self._namespace(impl)
         dtype = self._compute_dtype(x.values.dtype)
-        module = self._module(sp, impl, "SparseMaxPool2d", kernel_size=k, stride=s, padding=pad)
+        module = self._module(sp, impl, f"SparseMaxPool{nd}d", kernel_size=k, stride=s, padding=pad)
         module.train(torch.is_grad_enabled())
         values = x.values.to(dtype)
         # spconv's pool starts from 0 (it returns max(0, max over active pixels)): shift the rows to be
@@ -314,3 +320,14 @@ class SpconvBackend(TorchBackend):
         touches = self._masked_window(x.index, x.stride, k, s, pad).unsqueeze(1)
         y = torch.where(touches, y.clamp_min(0), y)
         return PackedTensor(y.to(x.values.dtype), x.index, out_stride, self)
+
+    conv2d = conv3d = _conv
+    max_pool2d = max_pool3d = _max_pool
+
+
+def _flat_keys(pixels, spatial) -> torch.Tensor:
+    """Row-major flat index over (batch, *spatial) of (b, [z,] y, x) coordinates."""
+    key = pixels[0]
+    for c, size in zip(pixels[1:], spatial):
+        key = key * size + c
+    return key

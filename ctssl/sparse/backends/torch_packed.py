@@ -2,17 +2,23 @@
 
 A k x k (x k) conv gathers each visible patch with a halo of ``padding`` pixels from
 its neighbours (as many patches away as the halo reaches) and runs the framework
-conv with padding 0; 1x1 convs are matmuls on the rows; BatchNorm, LayerNorm and
-Linear are the plain framework ops on the rows. Correct on CPU and GPU, and the
-baseline the custom kernels must beat.
+conv with padding 0; where the output patches are tiny (side <= ``GEMM_MAX_SIDE``) the
+taps of the halo-padded patches are unfolded into one matrix and the conv is a
+single GEMM instead; 1x1 convs are matmuls on the rows; BatchNorm, LayerNorm and
+Linear are the plain framework ops on the rows. Max pooling recomputes its halo in the backward instead of
+keeping it. Correct on CPU and GPU, and the baseline the custom kernels must beat.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..batchnorm_rows import batch_norm_rows
-from ..halo import halo_gather
+from ..halo import HaloConv, halo_gather
+from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
 from .base import ALL_OPS, Backend, check_aligned, ntuple
@@ -20,6 +26,23 @@ from .base import ALL_OPS, Backend, check_aligned, ntuple
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+GEMM_MAX_SIDE = 2
+"""Largest output patch side computed as one GEMM on unfolded taps. On 1- and 2-pixel patches the framework
+conv runs once per tiny patch and (on the CPU, ResNet-18-3D at 96^3: benchmarks/results/2026-12-02-cpu-dev)
+cost more than the emulation's dense conv of the whole map; the unfolded matrix is at most a few times the
+halo-padded patches there (27/27 at side 1, 216/64 at side 2 for 3x3x3)."""
+
+
+def _unfold_taps(halo: torch.Tensor, kernel, stride: int, dilation) -> torch.Tensor:
+    """Halo-padded patches ``(N, P, ..., P, C)`` -> the conv's input matrix ``(N * q ** ndim, C * prod(kernel))``:
+    rows in packed order, columns ordered like ``weight.reshape(C_out, -1)`` (channel, then taps)."""
+    n = len(kernel)
+    for axis, (k, d) in enumerate(zip(kernel, dilation)):
+        halo = halo.unfold(1 + axis, d * (k - 1) + 1, stride)  # (N, q.., C, window..)
+    if any(d != 1 for d in dilation):
+        halo = halo[(Ellipsis, *(slice(None, None, d) for d in dilation))]
+    return halo.reshape(-1, halo.shape[1 + n] * math.prod(kernel))
 
 
 def _split_patches(ndim: int) -> tuple[int, ...]:
@@ -74,11 +97,14 @@ class TorchBackend(Backend):
     # --- ops ---------------------------------------------------------------
     def _halo(self, x: SparseTensor, padding, pad_value: float = 0.0) -> torch.Tensor:
         """Halo-padded patches ``(N, C, P, ..., P)``: a channels-first view of channels-last memory."""
+        plan = x.index.halo_plan(x.patch_side, self._equal_padding(x, padding))
+        return halo_gather(x.values, plan, x.index.num_patches, pad_value).movedim(-1, 1)
+
+    def _equal_padding(self, x: SparseTensor, padding) -> int:
         pads = ntuple(padding, x.ndim)
         if len(set(pads)) != 1:
             raise ValueError(f"backend {self.name}: only equal padding on every axis is supported, got {pads}")
-        plan = x.index.halo_plan(x.patch_side, pads[0])
-        return halo_gather(x.values, plan, x.index.num_patches, pad_value).movedim(-1, 1)
+        return pads[0]
 
     def _rows(self, y: torch.Tensor) -> torch.Tensor:
         """``(N, C, p, ..., p)`` op output back to rows ``(N * p ** ndim, C)``."""
@@ -94,22 +120,27 @@ class TorchBackend(Backend):
                 rows = x.patches()[(slice(None),) + (slice(None, None, s),) * n].reshape(-1, x.channels)
             y = F.linear(rows, weight.flatten(1), bias)
             return PackedTensor(y, x.index, out_stride, self)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values.new_zeros(0, weight.shape[0]), x.index, out_stride, self)
-        y = _CONV[n](self._halo(x, padding), weight, bias, stride, 0, dilation, groups)
+        if groups == 1 and x.patch_side // s <= GEMM_MAX_SIDE:
+            cols = _unfold_taps(self._halo(x, padding).movedim(1, -1), weight.shape[2:], s, ntuple(dilation, n))
+            y = F.linear(cols, weight.reshape(weight.shape[0], -1), bias)
+            return PackedTensor(y, x.index, out_stride, self)
+        plan = x.index.halo_plan(x.patch_side, self._equal_padding(x, padding))
+        y = HaloConv.apply(x.values, weight, bias, plan, x.index.num_patches, _CONV[n], s, ntuple(dilation, n), groups)
         return PackedTensor(self._rows(y), x.index, out_stride, self)
 
     def _max_pool(self, x, kernel_size, stride, padding):
         out_stride = check_aligned(f"max_pool{x.ndim}d", x, kernel_size, stride, padding)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values, x.index, out_stride, self)
-        y = _MAX_POOL[x.ndim](self._halo(x, padding, float("-inf")), kernel_size, stride, 0)
-        return PackedTensor(self._rows(y), x.index, out_stride, self)
+
+        def pool(values):
+            halo = self._halo(x.with_values(values), padding, float("-inf"))
+            return self._rows(_MAX_POOL[x.ndim](halo, kernel_size, stride, 0))
+
+        # recomputed in the backward: keeping the halo-padded input and its indices cost more than the map itself
+        y = checkpoint(pool, x.values, use_reentrant=False, preserve_rng_state=False)
+        return PackedTensor(y, x.index, out_stride, self)
 
     def _avg_pool(self, x, kernel_size, stride, padding, count_include_pad=True):
         out_stride = check_aligned(f"avg_pool{x.ndim}d", x, kernel_size, stride, padding)
-        if x.index.num_patches == 0:
-            return PackedTensor(x.values, x.index, out_stride, self)
         pool = _AVG_POOL[x.ndim]
         y = pool(self._halo(x, padding), kernel_size, stride, 0)
         if not count_include_pad and set(ntuple(padding, x.ndim)) != {0}:
@@ -136,6 +167,9 @@ class TorchBackend(Backend):
                                process_group)
         return x.with_values(rows)
 
+    def instance_norm(self, x, weight, bias, eps):
+        rows = instance_norm_rows(x.values, weight, bias, x.index.row_samples(x.stride), x.index.batch_size, eps)
+        return x.with_values(rows)
     def layer_norm(self, x, weight, bias, eps):
         return x.with_values(F.layer_norm(x.values, (x.channels,), weight, bias, eps))
 

@@ -1,10 +1,11 @@
 """The ``triton`` backend: the packed active-patch layout with Triton kernels (``ctssl.kernels``).
 
 Conv (forward, input and weight gradient), BatchNorm, max pool and the layout
-conversions run as Triton kernels, and ConvNeXt's depthwise conv (k up to 7, stride 1,
-reading up to 3 patches away) and LayerNorm over channels; average pooling, stochastic
-depth, Linear (a GEMM on the rows: cuBLAS), GELU and layer scale reuse the ``torch``
-backend's packed ops.
+conversions run as Triton kernels, on images and volumes alike (the kernels take the
+grid's dimensionality as a constexpr), and ConvNeXt's depthwise conv (images; k up to 7,
+stride 1, reading up to 3 patches away) and LayerNorm over channels; average pooling,
+stochastic depth, Linear (a GEMM on the rows: cuBLAS), GELU and layer scale reuse the
+``torch`` backend's packed ops.
 
 Fusion, all exact in semantics:
 - every conv writes the BatchNorm statistics of its output in its epilogue, so a
@@ -28,23 +29,23 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..index import PatchIndex
-from ..pending import PendingBatchNorm, PendingPacked, fuse_activation, fuse_add
+from ..norm_stats import NormStats, batch_norm_statistics
+from ..pending import PendingBN, PendingBatchNorm, PendingPacked
+from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import check_aligned, ntuple, pair
 from .torch_packed import TorchBackend
 
 try:
     from ctssl.kernels import runtime as _rt
-    from ctssl.kernels.batchnorm import BatchNormActFunction, batch_stats, running_stats
-    from ctssl.kernels.conv import ConvGeometry, SparseConv2dFunction
+    from ctssl.kernels.batchnorm import BatchNormActFunction, finalize_stats, partial_stats
+    from ctssl.kernels.conv import ConvGeometry, SparseConvFunction
     from ctssl.kernels.depthwise import DepthwiseConv2dFunction, DepthwiseConvLayerNormFunction, depthwise_geometry
     from ctssl.kernels.layernorm import LayerNormFunction
     from ctssl.kernels.layout import PackFunction, UnpackFunction
-    from ctssl.kernels.pool import MaxPool2dFunction
+    from ctssl.kernels.pool import MaxPoolFunction
     _IMPORT_ERROR = None
 except ImportError as exc:  # triton missing or broken: reported by unavailable_reason()
     _rt = None
@@ -55,7 +56,11 @@ NAME = "triton"
 
 class TritonBackend(TorchBackend):
     name = NAME
+    spatial_dims = (2, 3)
     needs = "a CUDA GPU and the triton package (or TRITON_INTERPRET=1 set before import, for CPU tests)"
+    pending_activations = frozenset({"relu"})
+    pending_pairs = True
+    self_check_before_auto = True
 
     def __init__(self, deterministic: bool | None = None, fuse: bool = True):
         """``deterministic``: None follows CTSSL_DETERMINISTIC=1 / torch's deterministic flag.
@@ -75,6 +80,10 @@ class TritonBackend(TorchBackend):
     # --- availability --------------------------------------------------------
     def unavailable_reason(self) -> str | None:
         if _IMPORT_ERROR is not None:
+            if (getattr(_IMPORT_ERROR, "name", None) or "").startswith("ctssl.kernels"):
+                import ctssl
+                return (f"this ctssl ({os.path.dirname(ctssl.__file__)}) has no ctssl.kernels: install ctssl "
+                        "(`pip install .`) or run from a checkout that has kernels/ beside ctssl/")
             return f"triton could not be imported ({_IMPORT_ERROR}); install it with `pip install triton`"
         if _rt.INTERPRET or torch.cuda.is_available():
             return None
@@ -99,14 +108,11 @@ class TritonBackend(TorchBackend):
     # --- per-batch tables ----------------------------------------------------
     def _tables(self, index: PatchIndex) -> dict:
         """int32 neighbour, coordinate and slot tables, built once per batch and kept on the index."""
-        cache = index.__dict__.get("_triton_cache")
-        if cache is None:
-            cache = {
-                "nbr": index.neighbours.to(torch.int32).reshape(-1).contiguous(),
-                "coords": index.coords.to(torch.int32).contiguous(),
-                "slot": index.slot.to(torch.int32).contiguous(),
-            }
-            index._triton_cache = cache
+        cache = index.backend_cache(NAME)
+        if not cache:
+            cache.update(nbr=index.neighbours.to(torch.int32).reshape(-1).contiguous(),
+                         coords=index.coords.to(torch.int32).contiguous(),
+                         slot=index.slot.to(torch.int32).contiguous())
         return cache
 
     def _neighbours(self, index: PatchIndex, radius: int) -> torch.Tensor:
@@ -152,51 +158,41 @@ class TritonBackend(TorchBackend):
         return UnpackFunction.apply(v, token, t["coords"], t["slot"], x.dense_shape, x.patch_side)
 
     # --- conv ----------------------------------------------------------------
-    def _compute_dtype(self, values: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-        """Autocast's dtype when autocast is on for this device (like F.conv2d), else the input's."""
-        dev = values.device.type
-        try:
-            enabled = torch.is_autocast_enabled(dev)
-            dtype = torch.get_autocast_dtype(dev) if enabled else None
-        except (TypeError, AttributeError):  # torch < 2.4 spelling
-            enabled = dev == "cuda" and torch.is_autocast_enabled()
-            dtype = torch.get_autocast_gpu_dtype() if enabled else None
-        if enabled:
-            return dtype
-        if weight.dtype != values.dtype:
-            raise TypeError(f"backend {NAME!r}: conv2d input is {values.dtype} but its weight is {weight.dtype}; "
-                            "cast the model or run under torch.autocast")
-        return values.dtype
-
-    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
-        out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):
+        n, op = x.ndim, f"conv{x.ndim}d"
+        out_stride = check_aligned(op, x, weight.shape[2:], stride, padding, dilation)
         if groups != 1:
             return self._depthwise(x, weight, bias, stride, padding, dilation, groups)
-        v = self._check(x, "conv2d")
-        dtype = self._compute_dtype(v, weight)
+        v = self._check(x, op)
+        dtype = compute_dtype(v, weight, NAME, op)
         if v.dtype != dtype:
             v = v.to(dtype)
-        geom = ConvGeometry(x.patch_side, tuple(weight.shape[-2:]), pair(stride)[0], pair(padding), pair(dilation))
+        geom = ConvGeometry(x.patch_side, tuple(weight.shape[2:]), ntuple(stride, n)[0], ntuple(padding, n),
+                            ntuple(dilation, n))
         nbr = self._tables(x.index)["nbr"]
         want_stats = self.fuse
-        y, stats = SparseConv2dFunction.apply(v, weight, bias, nbr, geom, x.index.num_patches, want_stats,
-                                              self.deterministic)
+        y, stats = SparseConvFunction.apply(v, weight, bias, nbr, geom, x.index.num_patches, want_stats,
+                                            self.deterministic)
         return ConvOutput(y, x.index, out_stride, self, stats)
 
     def _depthwise(self, x, weight, bias, stride, padding, dilation, groups) -> SparseTensor:
         """A depthwise conv (groups = channels, odd square kernel up to 7, stride 1, padding k // 2), kept
         pending so that a LayerNorm reading it fuses with it; any other grouped conv is refused."""
-        k = tuple(weight.shape[-2:])
+        op = f"conv{x.ndim}d"
+        k = tuple(weight.shape[2:])
+        if x.ndim != 2:
+            raise NotImplementedError(f"backend {NAME!r}: {op} with groups={groups} is not implemented (the "
+                                      "depthwise kernels are 2-D; backend 'torch' supports it)")
         if not (groups == x.channels == weight.shape[0] and weight.shape[1] == 1 and pair(stride) == (1, 1)
                 and pair(dilation) == (1, 1) and pair(padding) == (k[0] // 2, k[1] // 2)):
             raise NotImplementedError(
-                f"backend {NAME!r}: conv2d with groups={groups} is implemented only as a depthwise conv (groups = "
+                f"backend {NAME!r}: {op} with groups={groups} is implemented only as a depthwise conv (groups = "
                 f"channels, stride 1, padding k // 2, dilation 1); got weight {tuple(weight.shape)} on "
                 f"{x.channels} channels, stride {stride}, padding {padding}, dilation {dilation} "
                 "(backend 'torch' supports it)")
         geom = depthwise_geometry(x.patch_side, k)
-        v = self._check(x, "conv2d")
-        dtype = self._compute_dtype(v, weight)
+        v = self._check(x, op)
+        dtype = compute_dtype(v, weight, NAME, op)
         if v.dtype != dtype:
             v = v.to(dtype)
         nbr = self._neighbours(x.index, geom.radius)
@@ -213,58 +209,55 @@ class TritonBackend(TorchBackend):
         return PackedTensor(y, x.index, x.stride, self)
 
     # --- pooling -------------------------------------------------------------
-    def max_pool2d(self, x, kernel_size, stride, padding):
-        out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
-        (kh, kw), (s, _), (ph, pw) = pair(kernel_size), pair(stride), pair(padding)
-        if kh != kw or ph != pw:
-            raise NotImplementedError(f"backend {NAME!r}: max_pool2d supports square kernels and padding only, "
-                                      f"got kernel {(kh, kw)} padding {(ph, pw)}")
-        v = self._check(x, "max_pool2d")
+    def _max_pool(self, x, kernel_size, stride, padding):
+        n, op = x.ndim, f"max_pool{x.ndim}d"
+        out_stride = check_aligned(op, x, kernel_size, stride, padding)
+        k, s, pad = ntuple(kernel_size, n), ntuple(stride, n)[0], ntuple(padding, n)
+        if len(set(k)) != 1 or len(set(pad)) != 1:
+            raise NotImplementedError(f"backend {NAME!r}: {op} supports equal kernel sides and padding only, "
+                                      f"got kernel {k} padding {pad}")
+        v = self._check(x, op)
         nbr = self._tables(x.index)["nbr"]
-        y = MaxPool2dFunction.apply(v, nbr, x.index.num_patches, x.patch_side, kh, s, ph)
+        y = MaxPoolFunction.apply(v, nbr, x.index.num_patches, x.patch_side, k[0], s, pad[0], n)
         return PackedTensor(y, x.index, out_stride, self)
+
+    conv2d = conv3d = _conv
+    max_pool2d = max_pool3d = _max_pool
 
     # --- BatchNorm -----------------------------------------------------------
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    process_group=None):
         v = self._check(x, "batch_norm")
-        use_batch_stats = training or running_mean is None
-        group = process_group if _distributed(process_group) else None
-        M = v.shape[0]
-        if use_batch_stats:
-            part = x.bn_partials(v) if (self.fuse and isinstance(x, ConvOutput)) else None
-            with torch.no_grad():
-                stats = batch_stats(v.detach(), part, running_mean, running_var, momentum, eps, group)
-            if stats.count == 0:  # no visible row anywhere: like batch_norm_rows, return the input
-                return PackedTensor(v, x.index, x.stride, self)
-        else:
-            stats = running_stats(running_mean, running_var, eps)
-        if M == 0 and group is None:
+        part = x.bn_partials(v) if (self.fuse and isinstance(x, ConvOutput)) else None
+
+        def moments(rows):
+            mean, _, var = finalize_stats(part if part is not None else partial_stats(rows), rows.shape[0],
+                                          None, None, momentum, eps, False)
+            return mean, var
+
+        def fused(rows):  # statistics and the running-statistics update in one launch
+            M = rows.shape[0]
+            track = running_mean is not None and running_var is not None
+            mean, invstd, _ = finalize_stats(part if part is not None else partial_stats(rows), M, running_mean,
+                                             running_var, momentum, eps, track and M > 1)
+            return NormStats(mean, invstd, M, True)
+
+        stats = batch_norm_statistics(v, running_mean, running_var, training, momentum, eps, process_group,
+                                      moments, fused)
+        if stats is None:  # nothing visible, nothing to synchronize: like batch_norm_rows, the input
             return PackedTensor(v, x.index, x.stride, self)
-        pending = _PendingBN(v, stats, weight, bias)  # (a rank without rows still joins the backward all-reduce)
+        pending = PendingBN(v, stats, weight, bias)  # (a rank without rows still joins the backward all-reduce)
         if not self.fuse:
-            return PackedTensor(self._apply(pending, None), x.index, x.stride, self)
+            return PackedTensor(self.apply_pending(pending, None), x.index, x.stride, self)
         return PendingBatchNorm(pending, x.index, x.stride, self)
 
-    def _apply(self, p: "_PendingBN", activation: str | None) -> torch.Tensor:
-        return BatchNormActFunction.apply(activation == "relu", p.s1, p.s2, p.x1, p.w1, p.b1, p.x2, p.w2, p.b2, p.res)
+    def apply_pending(self, p: PendingBN, activation: str | None) -> torch.Tensor:
+        return BatchNormActFunction.apply(activation == "relu", p.stats1, p.stats2, p.x1, p.weight1, p.bias1, p.x2,
+                                          p.weight2, p.bias2, p.res)
 
     # --- elementwise ---------------------------------------------------------
     def relu(self, x: SparseTensor, inplace: bool = False) -> SparseTensor:
-        return fuse_activation(x, "relu", self) or x.map(F.relu)  # out of place: autograd may have saved the values
-
-    def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
-        if not isinstance(b, SparseTensor) or a.index is not b.index or a.stride != b.stride:
-            raise ValueError("can only add sparse tensors of the same batch index and stride")
-        if a.backend is not b.backend and a.backend.name != b.backend.name:
-            raise ValueError(f"cannot add tensors of backends {a.backend.name} and {b.backend.name}")
-        return fuse_add(a, b, self) or a.with_values(a.values + b.values)
-
-
-def _distributed(process_group) -> bool:
-    """Synchronize only when a process group is given (SyncBatchNorm) and it has several ranks."""
-    return (process_group is not None and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size(process_group) > 1)
+        return super().relu(x, inplace=False)  # out of place: autograd may have saved the values
 
 
 class ConvOutput(PackedTensor):
@@ -312,30 +305,3 @@ class PendingDepthwise(PendingPacked):
     @property
     def device(self) -> torch.device:
         return self.rows.device
-
-
-class _PendingBN:
-    """``bn1(x1) [+ bn2(x2)] [+ res]``: a BatchNorm (pair) whose statistics are known, not yet applied."""
-
-    __slots__ = ("x1", "s1", "w1", "b1", "x2", "s2", "w2", "b2", "res")
-
-    def __init__(self, x1, s1, w1, b1, x2=None, s2=None, w2=None, b2=None, res=None):
-        self.x1, self.s1, self.w1, self.b1 = x1, s1, w1, b1
-        self.x2, self.s2, self.w2, self.b2, self.res = x2, s2, w2, b2, res
-
-    @property
-    def single(self) -> bool:
-        return self.x2 is None and self.res is None
-
-    def plus(self, other: SparseTensor) -> "_PendingBN | None":
-        """This single BN plus ``other`` as one pending op, or None when they cannot be fused."""
-        if not self.single:
-            return None
-        if isinstance(other, PendingBatchNorm) and other.unapplied and other.pending.single:
-            o = other.pending
-            if o.x1.dtype == self.x1.dtype and o.s1.group is self.s1.group:
-                return _PendingBN(self.x1, self.s1, self.w1, self.b1, o.x1, o.s1, o.w1, o.b1)
-        r = other.values
-        if r.dtype == self.x1.dtype and r.shape == self.x1.shape:
-            return _PendingBN(self.x1, self.s1, self.w1, self.b1, res=r.contiguous())
-        return None

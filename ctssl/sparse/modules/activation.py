@@ -20,6 +20,15 @@ class ReLU6(nn.ReLU6):
         return super().forward(x)
 
 
+class LeakyReLU(nn.LeakyReLU):
+    """The activation of nnU-Net-style encoders (negative slope 0.01 by default)."""
+
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return x.backend.leaky_relu(x, self.negative_slope, self.inplace)
+        return super().forward(x)
+
+
 class GELU(nn.GELU):
     def forward(self, x):
         if isinstance(x, SparseTensor):

@@ -18,7 +18,9 @@ from bench_timing import saved_activation_bytes
 from bench_workload import random_mask, random_tensor, sparse_map
 from ctssl.sparse import PatchIndex, get_backend
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from .conftest import BENCHMARKS
+
+HERE = str(BENCHMARKS)
 
 
 @pytest.mark.parametrize("stride", [1, 4, 32])
@@ -91,6 +93,29 @@ def test_encoder_timing_times_convnext_and_skips_backends_without_its_ops(tmp_pa
     assert data["targets"][0]["met"] is True and data["targets"][0]["measured_speedup"] > 0
 
 
+def test_encoder_timing_on_volumes_in_fresh_processes_with_peak_memory(tmp_path):
+    """The 3-D encoder on cubic volumes; on a CPU each case in its own process, with its peak resident memory
+    per step and what autograd keeps."""
+    out, md = tmp_path / "vol.json", tmp_path / "vol.md"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18_3d", "--batch", "1", "--size", "64",
+                              "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "2", "--rotate", "1", "--isolate", "--json", str(out),
+                              "--markdown", str(md)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["spatial_dims"] == 3 and data["config"]["isolate"]
+    rows = {r["backend"]: r for r in data["results"]}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["spatial_dims"] == 3 and len(r["peak_rss_bytes_per_step"]) == 2
+        assert r["saved_activation_bytes"] > 0
+    assert rows["torch"]["loss_check"] == "ok" and rows["torch"]["visible_fraction"] == 0.5
+    if rows["dense"]["peak_mem_bytes"] is not None:  # Linux lets a process reset its peak RSS
+        ratio = rows["torch"]["peak_mem_bytes"] / rows["dense"]["peak_mem_bytes"]
+        assert rows["torch"]["peak_mem_vs_emulation"] == ratio
+    text = md.read_text()
+    assert "64^3 voxels" in text and "every case in a fresh process" in text and "VmHWM" in text
+
+
 def test_kernel_profile_ranks_the_dominant_operator_first():
     x = torch.randn(384, 384)
     prof = kernel_profile(lambda a: (a @ a).relu().sum(), [x], torch.device("cpu"), steps=2, top=3)
@@ -122,5 +147,25 @@ def test_encoder_timing_rejects_unknown_backend(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_scripts_parse():
-    for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
+    for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "volume_cpu.sh"),
+                   os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
         assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0, script
+
+
+def test_a_registered_backend_is_benchmarked_without_an_edit(monkeypatch):
+    """A backend registered before the suites are built (a fresh process) gets its cases at every mask
+    ratio and runs in them."""
+    import bench_config
+    from bench_config import backend_mask_params, require_backend
+    from ctssl.sparse import backends
+
+    backends.register_backend("torch-copy", "ctssl.sparse.backends.torch_packed", "TorchBackend")
+    monkeypatch.setattr(bench_config, "_STATUS", None)  # the registry as a new process reads it
+    try:
+        ids = [p.id for p in backend_mask_params((0.25, 0.5))]
+        assert ids[:3] == [NOMASK, "dense-m0.25", "dense-m0.5"]
+        assert {"torch-copy-m0.25", "torch-copy-m0.5"} <= set(ids)
+        assert require_backend("torch-copy") is get_backend("torch-copy")
+    finally:
+        backends._REGISTRY.pop("torch-copy")
+        backends._instances.pop("torch-copy", None)

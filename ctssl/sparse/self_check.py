@@ -1,0 +1,213 @@
+"""A backend's self-check on a device, and the cached verdicts ``auto`` trusts.
+
+The custom backends (``triton``, ``cuda``) will meet cards and driver stacks nobody here has
+tested. Before ``auto`` selects one on a device for the first time, ``trusted`` runs a small check
+there: a masked conv, BatchNorm, ReLU, max pool and a second conv + BatchNorm, forward and backward
+(output, image gradient, every parameter gradient, running statistics), in float32 against the
+``dense`` reference in float64 on the same device. The verdict is kept in memory and on disk
+(``$XDG_CACHE_HOME/ctssl/self-check/``, default ``~/.cache/ctssl``), keyed by backend, device name,
+ctssl, torch, CUDA and triton versions and a fingerprint of ctssl's files (a changed kernel is
+checked again). A backend that fails is skipped by ``auto`` with one warning naming the failure.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TOLERANCE = 1e-2
+"""Largest relative error accepted: float32 (TF32 on GPUs) against float64. A wrong kernel is off by far more."""
+
+_verdicts: dict[tuple, "Verdict"] = {}
+
+
+@dataclass
+class Verdict:
+    """The outcome of one self-check of ``backend`` on ``device`` (the device's name)."""
+
+    backend: str
+    device: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    forward_only: bool = False
+    cached: bool = False
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.machine() or 'unknown'})"
+
+
+def run_self_check(backend, device: torch.device | str = "cpu", forward_only: bool | None = None) -> Verdict:
+    """Check ``backend`` (a Backend) on ``device`` against dense; never raises (a crash is a failed check).
+
+    ``forward_only`` (default: when the backend cannot train on ``device``) skips the backward."""
+    device = torch.device(device)
+    if forward_only is None:
+        forward_only = backend.training_unsupported_reason(device) is not None
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(False):  # whatever mode the caller is in
+            errors = _errors(backend, device, forward_only)
+        worst = max(errors, key=errors.get)
+        error = None if errors[worst] <= TOLERANCE else (
+            f"{worst} differs from dense by {errors[worst]:.3g} (relative; tolerance {TOLERANCE:g})")
+    except Exception as exc:  # noqa: BLE001 (any failure of the backend fails its check)
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    return Verdict(backend.name, device_name(device), error is None, time.perf_counter() - start, error,
+                   forward_only)
+
+
+def _network():
+    from .modules import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False), BatchNorm2d(8), ReLU(),
+                                  MaxPool2d(3, 2, 1), Conv2d(8, 8, 3, padding=1, bias=False), BatchNorm2d(8))
+        with torch.no_grad():
+            for bn in (net[1], net[5]):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def _run(net, images, active, weights, backend, dtype, forward_only):
+    from . import sparse_input
+
+    m = copy.deepcopy(net).to(images.device, dtype).train()
+    x = images.detach().to(dtype, copy=True).requires_grad_(not forward_only)
+    with torch.set_grad_enabled(not forward_only):
+        out = m(sparse_input(x, active, backend)).to_dense()
+        result = {"output": out.detach()}
+        if not forward_only:
+            (out * weights.to(dtype)).sum().backward()
+            result["image gradient"] = x.grad
+            result.update({f"gradient of {n}": p.grad for n, p in m.named_parameters()})
+    result.update({f"buffer {n}": b for n, b in m.named_buffers() if b.is_floating_point()})
+    return result
+
+
+def _errors(backend, device: torch.device, forward_only: bool) -> dict[str, float]:
+    """Relative error of every compared tensor: ``backend`` in float32 against ``dense`` in float64."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64).to(device)
+    active = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]], device=device)
+    weights = torch.randn(2, 8, 32, 32, generator=gen, dtype=torch.float64).to(device)
+    net = _network()
+    with torch.autocast(device.type, enabled=False):
+        want = _run(net, images, active, weights, "dense", torch.float64, forward_only)
+        got = _run(net, images, active, weights, backend, torch.float32, forward_only)
+    errors = {}
+    for name, ref in want.items():
+        value = got[name].double()
+        if not torch.isfinite(value).all():
+            errors[name] = float("inf")
+            continue
+        scale = float(ref.norm())
+        errors[name] = float((value - ref).norm()) / (scale if scale > 0 else 1.0)
+    return errors
+
+
+# --- verdict cache ------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where verdicts are kept: ``$XDG_CACHE_HOME/ctssl/self-check`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ctssl" / "self-check"
+
+
+def _versions() -> dict:
+    import ctssl
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"ctssl": ctssl.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "files": _fingerprint()}
+
+
+def _fingerprint() -> str:
+    """Size and modification time of ctssl's sources and compiled extension: a changed kernel is rechecked."""
+    import ctssl
+
+    roots = [Path(ctssl.__file__).parent]
+    kernels = getattr(ctssl, "kernels", None)
+    if kernels is not None and getattr(kernels, "__file__", None):
+        roots.append(Path(kernels.__file__).parent)
+    digest = hashlib.sha1()
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".so", ".pyd") and path.is_file():
+                st = path.stat()
+                digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _key(backend_name: str, device: torch.device) -> dict:
+    return {"backend": backend_name, "device": device_name(device), **_versions()}
+
+
+def _path(key: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"{key['backend']}-{digest}.json"
+
+
+def cached_verdict(backend, device: torch.device | str) -> Verdict | None:
+    """The verdict already known for ``backend`` on ``device`` (this process, then the disk), or None."""
+    device = torch.device(device)
+    mem = (backend.name, device_name(device))
+    if mem in _verdicts:
+        return _verdicts[mem]
+    key = _key(backend.name, device)
+    try:
+        stored = json.loads(_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("key") != key:
+        return None
+    verdict = Verdict(**{**stored["verdict"], "cached": True})
+    _verdicts[mem] = verdict
+    return verdict
+
+
+def record(backend, device: torch.device | str, verdict: Verdict) -> None:
+    """Keep ``verdict`` in memory and on disk (written atomically; an unwritable cache is only not kept)."""
+    device = torch.device(device)
+    _verdicts[(backend.name, device_name(device))] = verdict
+    key = _key(backend.name, device)
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            json.dump({"key": key, "verdict": {**asdict(verdict), "cached": False}}, f, indent=1)
+            tmp = f.name
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def check(backend, device: torch.device | str) -> Verdict:
+    """The cached verdict of ``backend`` on ``device``, or a fresh self-check (then cached)."""
+    verdict = cached_verdict(backend, device)
+    if verdict is None:
+        verdict = run_self_check(backend, device)
+        record(backend, device, verdict)
+    return verdict
+
+
+__all__ = ["TOLERANCE", "Verdict", "cache_dir", "cached_verdict", "check", "device_name", "record",
+           "run_self_check"]

@@ -1,0 +1,13 @@
+"""CI runs exactly what the README tells a newcomer to run."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    marker = next(i for i, line in enumerate(readme) if line.startswith("# 2. install, then run the tests"))
+    command = readme[marker + 1].strip()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci[-1] == command
+    assert "pytest benchmarks" in command  # the benchmark smoke run is its own invocation
