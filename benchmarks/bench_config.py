@@ -182,8 +182,9 @@ def backend_names() -> list[str]:
     return [NOMASK, EMULATION] + [n for n in registry_status() if n != EMULATION]
 
 
-def require_backend(name: str, profile: Profile = PROFILE, *, backward: bool = False) -> Backend | None:
-    """The backend to time, or ``pytest.skip`` with the registry's reason. None for ``dense-nomask``."""
+def require_backend(name: str, profile: Profile = PROFILE, *, backward: bool = False, ops=None) -> Backend | None:
+    """The backend to time, or ``pytest.skip`` with the registry's reason (or the reason it lacks one of
+    ``ops``, names from ``ctssl.sparse.backends.base.OPS``). None for ``dense-nomask``."""
     if name == NOMASK:
         return None
     reason = registry_status().get(name, f"{name!r} is not a registered backend")
@@ -194,9 +195,15 @@ def require_backend(name: str, profile: Profile = PROFILE, *, backward: bool = F
     if profile.device.type == "cpu" and backward and name in CPU_NO_BACKWARD:
         pytest.skip(f"backend {name!r}: {CPU_NO_BACKWARD[name]}")
     try:
-        return get_backend(name, profile.device)
+        backend = get_backend(name, profile.device)
     except BackendUnavailableError as exc:
         pytest.skip(f"backend {name!r} cannot run on {profile.device}: {exc}")
+    try:
+        if ops is not None:
+            backend.check_ops(ops, "this case")
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    return backend
 
 
 def backend_mask_params(ratios: tuple[float, ...]) -> list:

@@ -1,4 +1,4 @@
-"""Model-level workloads: the masked encoder, a whole SparK step, a contrastive step.
+"""Model-level workloads: the masked encoder (ResNet or ConvNeXt), a whole SparK step, a contrastive step.
 
 Model weights are drawn from one seed, so every backend times the same network and
 ``encoder_timing.py`` can compare their losses on the same input as a sanity check.
@@ -108,7 +108,7 @@ def spark_workload(profile: Profile, backend: Backend, mask_ratio: float) -> Wor
     from ctssl.ssl import create_method  # skipped by the caller when ctssl.ssl is missing
 
     torch.manual_seed(0)
-    encoder = create_resnet(profile.encoder)
+    encoder = create_encoder(profile.encoder)
     method = create_method("spark", encoder, backend.name, mask_ratio=mask_ratio, check_finite=False,
                            decoder_width=profile.decoder_width, input_size=profile.model_size)
     method = _place(method, profile, profile.channels_last).train()
@@ -139,7 +139,7 @@ def contrastive_workload(profile: Profile, method_name: str = "mocov2") -> Workl
     from ctssl.ssl import create_method
 
     torch.manual_seed(0)
-    encoder = create_resnet(profile.encoder)
+    encoder = create_encoder(profile.encoder)
     method = create_method(method_name, encoder, "dense", input_size=profile.model_size)
     method = _place(method, profile, profile.channels_last).train()
     opt = torch.optim.SGD(method.param_groups(1e-4), lr=0.03, momentum=0.9)

@@ -1,4 +1,5 @@
-"""Single-op workloads at ResNet-50's shapes: conv, BN, max pool, layout ops, PatchIndex.
+"""Single-op workloads at ResNet-50's and ConvNeXt-T's shapes: conv (incl. the depthwise 7x7), BN,
+LayerNorm, Linear over channels, max pool, layout ops, PatchIndex.
 
 Each builder returns a ``Workload`` for one backend (``None`` = the plain dense op on
 unmasked input), one dtype and one mask ratio. The index is built once per input set
@@ -22,7 +23,7 @@ from bench_workload import Workload, random_mask, random_tensor, sparse_map, vis
 
 @dataclass(frozen=True)
 class ConvShape:
-    """A conv of ResNet-50 (torchvision v1.5 layout) at an input feature stride."""
+    """A conv of ResNet-50 (torchvision v1.5 layout) or ConvNeXt-T at an input feature stride."""
 
     key: str
     cin: int
@@ -30,14 +31,17 @@ class ConvShape:
     kernel: int
     stride: int
     in_stride: int  # feature stride of the input map (1 = image)
+    groups: int = 1
+    padding: int | None = None  # None: kernel // 2
 
-    @property
-    def padding(self) -> int:
-        return self.kernel // 2
+    def __post_init__(self):
+        if self.padding is None:
+            object.__setattr__(self, "padding", self.kernel // 2)
 
     def label(self, size: int) -> str:
         side = size // self.in_stride
-        return (f"conv {self.kernel}x{self.kernel}/{self.stride} {self.cin}->{self.cout} "
+        kind = "depthwise " if self.groups > 1 and self.groups == self.cin else ""
+        return (f"{kind}conv {self.kernel}x{self.kernel}/{self.stride} {self.cin}->{self.cout} "
                 f"@{side}px (stride {self.in_stride})")
 
 
@@ -60,8 +64,21 @@ CONV_SHAPES = (
     ConvShape("conv1x1s2-c1024to2048", 1024, 2048, 1, 2, 16),
 )
 
+# ConvNeXt-T: the 4x4/4 stem, a 2x2/2 downsampling, and the depthwise 7x7 of every stage (its window
+# reaches 1, 1, 2 and 3 patches away at strides 4, 8, 16, 32)
+CONVNEXT_CONV_SHAPES = (
+    ConvShape("cnx-stem4x4s4", 3, 96, 4, 4, 1, padding=0),
+    ConvShape("cnx-down2x2s2-c96to192", 96, 192, 2, 2, 4, padding=0),
+    ConvShape("cnx-dw7x7-c96", 96, 96, 7, 1, 4, groups=96),
+    ConvShape("cnx-dw7x7-c192", 192, 192, 7, 1, 8, groups=192),
+    ConvShape("cnx-dw7x7-c384", 384, 384, 7, 1, 16, groups=384),
+    ConvShape("cnx-dw7x7-c768", 768, 768, 7, 1, 32, groups=768),
+)
+
 # (channels, feature stride): the stem's BN (stride 2) and the four stage outputs
 STAGE_MAPS = ((64, 2), (256, 4), (512, 8), (1024, 16), (2048, 32))
+# ConvNeXt-T's stage maps (LayerNorm over channels, the MLP's fc1 C -> 4C)
+CONVNEXT_STAGE_MAPS = ((96, 4), (192, 8), (384, 16), (768, 32))
 MODES = ("fwd", "fwdbwd")
 
 
@@ -144,19 +161,20 @@ def _fwd_or_fwdbwd(forward, sets, mode: str, params: list[torch.Tensor]):
 def conv_workload(profile: Profile, shape: ConvShape, backend: Backend | None, dtype: torch.dtype,
                   mask_ratio: float | None, mode: str) -> Workload:
     grad = mode == "fwdbwd"
-    fan_in = shape.cin * shape.kernel ** 2
-    weight = random_tensor((shape.cout, shape.cin, shape.kernel, shape.kernel), dtype, profile.device, 5)
+    cin_per_group = shape.cin // shape.groups
+    fan_in = cin_per_group * shape.kernel ** 2
+    weight = random_tensor((shape.cout, cin_per_group, shape.kernel, shape.kernel), dtype, profile.device, 5)
     weight = _leaf(weight * (2.0 / fan_in) ** 0.5, grad)
     if profile.is_cuda:
         weight = _leaf(weight.contiguous(memory_format=torch.channels_last), grad)
     sets = _make_sets(profile, mask_ratio, shape.cin, shape.in_stride, dtype, backend, grad)
-    s, pad = shape.stride, shape.padding
+    s, pad, groups = shape.stride, shape.padding, shape.groups
     if backend is None:
         def forward(x):
-            return F.conv2d(x, weight, None, s, pad)
+            return F.conv2d(x, weight, None, s, pad, 1, groups)
     else:
         def forward(x):
-            return backend.conv2d(x, weight, None, s, pad, 1, 1)
+            return backend.conv2d(x, weight, None, s, pad, 1, groups)
     step, inputs = _fwd_or_fwdbwd(forward, sets, mode, [weight])
     vis = None if backend is None else visible_fraction(sets[0][1])
     info = _info(profile, f"conv {mode}", f"{shape.label(profile.op_size)} {mode}", backend, dtype,
@@ -165,28 +183,70 @@ def conv_workload(profile: Profile, shape: ConvShape, backend: Backend | None, d
                     backward=grad)
 
 
+def _channel_params(profile: Profile, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm's affine weight (around 1) and bias, float32 leaves."""
+    dev = profile.device
+    return (_leaf(random_tensor((channels,), torch.float32, dev, seed).abs() + 0.5, True),
+            _leaf(random_tensor((channels,), torch.float32, dev, seed + 1), True))
+
+
+def _stage_map_workload(profile: Profile, family: str, what: str, channels: int, stride: int,
+                        backend: Backend | None, dtype: torch.dtype, mask_ratio: float | None,
+                        params: list[torch.Tensor], forward) -> Workload:
+    """Forward + backward of ``forward`` on a stage map of ``channels`` at ``stride``."""
+    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
+    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", params)
+    vis = None if backend is None else visible_fraction(sets[0][1])
+    side = profile.op_size // stride
+    info = _info(profile, f"{family} fwdbwd", f"{what} @{side}px (stride {stride}) fwdbwd", backend, dtype,
+                 mask_ratio, "fwdbwd", vis)
+    return Workload(step, inputs, profile.op_batch, info, exclude=params + [_values(x) for x, *_ in inputs])
+
+
 def batchnorm_workload(profile: Profile, channels: int, stride: int, backend: Backend | None,
                        dtype: torch.dtype, mask_ratio: float | None) -> Workload:
     """Training-mode BN forward + backward (statistics over visible positions only)."""
-    dev = profile.device
-    weight = _leaf(random_tensor((channels,), torch.float32, dev, 3).abs() + 0.5, True)
-    bias = _leaf(random_tensor((channels,), torch.float32, dev, 4), True)
-    running_mean = torch.zeros(channels, device=dev)
-    running_var = torch.ones(channels, device=dev)
-    sets = _make_sets(profile, mask_ratio, channels, stride, dtype, backend, True)
+    weight, bias = _channel_params(profile, channels, 3)
+    running_mean = torch.zeros(channels, device=profile.device)
+    running_var = torch.ones(channels, device=profile.device)
     if backend is None:
         def forward(x):
             return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
     else:
         def forward(x):
             return backend.batch_norm(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5)
-    step, inputs = _fwd_or_fwdbwd(forward, sets, "fwdbwd", [weight, bias])
-    vis = None if backend is None else visible_fraction(sets[0][1])
-    side = profile.op_size // stride
-    info = _info(profile, "batchnorm fwdbwd", f"batchnorm {channels}ch @{side}px (stride {stride}) fwdbwd",
-                 backend, dtype, mask_ratio, "fwdbwd", vis)
-    return Workload(step, inputs, profile.op_batch, info,
-                    exclude=[weight, bias] + [_values(x) for x, *_ in inputs])
+    return _stage_map_workload(profile, "batchnorm", f"batchnorm {channels}ch", channels, stride, backend, dtype,
+                               mask_ratio, [weight, bias], forward)
+
+
+def layernorm_workload(profile: Profile, channels: int, stride: int, backend: Backend | None,
+                       dtype: torch.dtype, mask_ratio: float | None) -> Workload:
+    """ConvNeXt's LayerNorm over the channels of each (visible) position, forward + backward."""
+    weight, bias = _channel_params(profile, channels, 3)
+    if backend is None:
+        def forward(x):
+            return F.layer_norm(x.movedim(1, -1), (channels,), weight.to(x.dtype), bias.to(x.dtype),
+                                1e-6).movedim(-1, 1)
+    else:
+        def forward(x):
+            return backend.layer_norm(x, weight, bias, 1e-6)
+    return _stage_map_workload(profile, "layernorm", f"layernorm {channels}ch", channels, stride, backend, dtype,
+                               mask_ratio, [weight, bias], forward)
+
+
+def linear_workload(profile: Profile, channels: int, stride: int, backend: Backend | None, dtype: torch.dtype,
+                    mask_ratio: float | None) -> Workload:
+    """ConvNeXt's fc1 (C -> 4C over the channels of each visible position), forward + backward."""
+    weight = _leaf(random_tensor((4 * channels, channels), dtype, profile.device, 5) * channels ** -0.5, True)
+    bias = _leaf(random_tensor((4 * channels,), dtype, profile.device, 6), True)
+    if backend is None:
+        def forward(x):
+            return F.linear(x.movedim(1, -1), weight, bias)
+    else:
+        def forward(x):
+            return backend.linear(x, weight, bias)
+    return _stage_map_workload(profile, "linear", f"linear {channels}->{4 * channels}", channels, stride, backend,
+                               dtype, mask_ratio, [weight, bias], forward)
 
 
 def maxpool_workload(profile: Profile, backend: Backend | None, dtype: torch.dtype,

@@ -1,4 +1,4 @@
-"""Time the masked ResNet encoder (fwd+bwd) on every backend, with peak memory, in one run.
+"""Time a masked encoder (ResNet or ConvNeXt, fwd+bwd) on every backend, with peak memory, in one run.
 
 The measurement behind the headline claim: the packed backends against plain dense
 (cuDNN, no mask) and SparK's dense emulation, at several mask ratios, on one card in
@@ -56,7 +56,7 @@ LOSS_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 1e-3}
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--arch", default="resnet50", help="any registered encoder (resnet50, convnext_small, ...)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--mask-ratios", default="0.6,0.3,0.9", help="comma-separated, timed in this order")
@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile-kernels", type=int, default=0, metavar="TOP",
                     help="also profile each backend's encoder step at the first mask ratio and keep its TOP kernels")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile-kernels")
+    ap.add_argument("--target", action="append", default=[], metavar="BACKEND:BASELINE:SPEEDUP",
+                    help="a goal to check and record: BACKEND at least SPEEDUP times faster than BASELINE at the "
+                         "first mask ratio (e.g. triton:dense-nomask:2); exit code 3 when one is missed")
     ap.add_argument("--isolate", action="store_true",
                     help="run every (backend, mask ratio) case in a fresh process (encoder cases only)")
     ap.add_argument("--json", required=True, help="output JSON path")
@@ -95,9 +98,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--batch, --iters and --rotate must be positive, --warmup non-negative")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA GPU")
+    args.targets = []
+    for spec in args.target:
+        parts = spec.split(":")
+        try:
+            args.targets.append((parts[0], parts[1], float(parts[2])))
+            assert len(parts) == 3 and parts[0] and parts[1] and float(parts[2]) > 0
+        except (IndexError, ValueError, AssertionError):
+            ap.error(f"--target {spec!r}: expected BACKEND:BASELINE:SPEEDUP, e.g. triton:dense-nomask:2")
+    from ctssl.models import encoder_names
+    if args.arch not in encoder_names():
+        ap.error(f"--arch {args.arch!r} is not a registered encoder; choose one of {', '.join(encoder_names())}")
     if args.isolate and args.spark:
         ap.error("--isolate runs encoder cases only; leave out --spark")
     return args
+
+
+def encoder_facts(arch: str) -> tuple[int, frozenset[str]]:
+    """``arch``'s spatial dimensions and the sparse ops its masked forward needs (from a weightless copy)."""
+    from ctssl.models import create_encoder
+    with torch.device("meta"):
+        encoder = create_encoder(arch)
+    return encoder.spatial_dims, encoder.sparse_ops
 
 
 def pick_backends(spec: str) -> list[str]:
@@ -120,19 +142,24 @@ def make_profile(args):
         decoder_width=args.decoder_width)
 
 
-def why_not(name: str, device: torch.device) -> str | None:
-    """None if ``name`` can be timed here, else the reason."""
+def why_not(name: str, device: torch.device, ops=None) -> str | None:
+    """None if ``name`` can be timed here (with the encoder's ``ops``), else the reason."""
     if name == NOMASK:
         return None
     reason = registry_status().get(name)
     if reason is not None:
         return f"unavailable: {reason}"
+    from ctssl.sparse import get_backend
+    if ops is not None:
+        try:
+            get_backend(name).check_ops(ops, "this encoder")
+        except ValueError as exc:
+            return str(exc)
     if device.type == "cpu" and name in CPU_NOT_TIMED:
         return CPU_NOT_TIMED[name]
     if device.type == "cpu" and name in CPU_NO_BACKWARD:
         return CPU_NO_BACKWARD[name]
     try:
-        from ctssl.sparse import get_backend
         get_backend(name, device)
     except Exception as exc:  # noqa: BLE001 - report any refusal as the reason
         return f"cannot run on {device}: {exc}"
@@ -179,7 +206,14 @@ def machine_block(profile) -> dict[str, Any]:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "backend_status": {k: ("available" if v is None else v) for k, v in registry_status().items()},
-            "git_commit": os.environ.get("CTSSL_GIT_COMMIT", "unknown")}
+            "git_commit": os.environ.get("CTSSL_GIT_COMMIT", "unknown"),
+            # other work on a shared machine distorts CPU figures: how busy it was at the start and the end
+            "load_average_start": load_average(), "load_average_end": None}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
@@ -226,7 +260,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{c['warmup']} warm-up steps, {c['rotate']} rotating input sets; "
              f"{'CUDA events' if m['device'].startswith('cuda') else 'host clock (CPU)'}"
              f"{'' if c.get('threads') is None else ', ' + str(c['threads']) + ' torch threads'}",
-             memory, "",
+             memory,
+             f"- load average (1, 5, 15 min) at the start {m.get('load_average_start')}, at the end "
+             f"{m.get('load_average_end')}", "",
              "| case | backend | mask ratio | visible | median ms | IQR ms | wall ms/step | images/s | peak GiB "
              "| vs dense-nomask | vs emulation | peak vs emulation | loss vs emulation |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -253,12 +289,39 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Not timed:", ""]
         lines += [f"- {backend}, {status} ({'; '.join(wheres)}): {reason}"
                   for (backend, status, reason), wheres in seen.items()]
+    if result.get("targets"):
+        lines += ["", "## Targets", "", "| backend | baseline | mask ratio | required speed-up | measured | met |",
+                  "|---|---|---|---|---|---|"]
+        for t in result["targets"]:
+            met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['backend']} | {t['baseline']} | {fmt(t['mask_ratio'], '.2f')} | "
+                         f">= {t['required_speedup']:.2f}x | {times(t['measured_speedup']) or '-'} | {met} |")
     profiled = [r for r in result["results"] if r.get("status") == "ok" and "kernel_profile" in r]
     if profiled:
         lines += ["", "## Where the time goes", ""]
         for r in profiled:
             lines += profile_markdown(f"{r['backend']}, mask {fmt(r['mask_ratio'], '.2f', '-')}", r["kernel_profile"])
     return "\n".join(lines) + "\n"
+
+
+def check_targets(rows: list[dict[str, Any]], targets, ratio: float) -> list[dict[str, Any]]:
+    """Each target's measured speed-up (baseline median / backend median, encoder case, at ``ratio``;
+    the no-mask baseline has no ratio) and whether it is met; None where either was not timed."""
+    def median(name):
+        want = None if name == NOMASK else ratio
+        for r in rows:
+            if (r.get("status") == "ok" and r.get("case_kind") == "encoder" and r["backend"] == name
+                    and r.get("mask_ratio") == want):
+                return r["median_ms"]
+        return None
+
+    out = []
+    for backend, baseline, required in targets:
+        b, t = median(baseline), median(backend)
+        measured = None if b is None or t is None or t <= 0 else b / t
+        out.append({"backend": backend, "baseline": baseline, "mask_ratio": ratio, "required_speedup": required,
+                    "measured_speedup": measured, "met": None if measured is None else measured >= required})
+    return out
 
 
 def times(v) -> str:
@@ -316,12 +379,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from bench_model_cases import encoder_workload, spark_workload
 
-    from ctssl.models import create_encoder
-
     profile = make_profile(args)
     names = pick_backends(args.backends)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    dims = create_encoder(args.arch).spatial_dims
+    dims, ops = encoder_facts(args.arch)
     threads = args.threads if args.threads is not None else (1 if profile.device.type == "cpu" else None)
     result = {"format": FORMAT, "machine": machine_block(profile),
               "config": {"arch": args.arch, "batch": args.batch, "size": args.size, "spatial_dims": dims,
@@ -337,7 +398,7 @@ def main(argv=None) -> int:
         base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,
                 "case": f"{args.arch} encoder fwdbwd" if kind == "encoder"
                 else f"SparK step ({args.arch}, decoder {args.decoder_width})"}
-        reason = why_not(name, profile.device)
+        reason = why_not(name, profile.device, ops)
         if reason is None and kind == "spark":
             try:
                 importlib.import_module("ctssl.ssl")
@@ -380,11 +441,16 @@ def main(argv=None) -> int:
         if profile.device.type == "cuda":
             torch.cuda.empty_cache()
     add_comparisons(result["results"], args.precision)
+    result["machine"]["load_average_end"] = load_average()
+    if args.targets:
+        result["targets"] = check_targets(result["results"], args.targets, args.ratios[0])
     write(result, args)
     print(markdown(result), flush=True)
     bad = [r for r in result["results"] if r.get("status") == "error" or r.get("loss_check") == "MISMATCH"
            or (r.get("status") == "ok" and not r.get("loss_finite", True))]
-    return 1 if bad else 0
+    if bad:
+        return 1
+    return 3 if any(t["met"] is False for t in result.get("targets", [])) else 0
 
 
 if __name__ == "__main__":

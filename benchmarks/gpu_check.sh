@@ -16,10 +16,13 @@
 #              mask 0.6 (torch.profiler); then a SparK step per backend
 #   timing3d   the same for volumes: ResNet-18-3D fwd+bwd, batch 8, 128^3 crops, mask ratio 0.6, bf16
 #              autocast, channels-last-3d, every backend that takes volumes (the others are listed as skipped)
+#   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton) and issue 16's
+#              target: triton at most half the plain dense (cuDNN) time (encoder_timing --target)
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
 # Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
-# stage results, every figure), encoder_timing.json/.md, gpu_tests.xml, triton_tests.xml, ops_bench.json.
+# stage results, every figure), encoder_timing.json/.md, convnext_timing.json/.md, gpu_tests.xml,
+# triton_tests.xml, ops_bench.json.
 # Commit them under benchmarks/results/<date>-<card>/ (the folder name is printed at the end).
 set -u -o pipefail
 
@@ -132,6 +135,14 @@ else
 fi
 TIMING3D_CAP=75
 stage timing3d $TIMING3D_CAP "$PY benchmarks/encoder_timing.py $TIMING3D_ARGS --deadline-s $(( TIMING3D_CAP - 25 )) --json $OUT/encoder_timing_3d.json --markdown $OUT/encoder_timing_3d.md"
+# --- ConvNeXt-S (issue 16): triton at most half the dense cuDNN time at mask 0.6 --------
+if [[ "$SMOKE" == 1 ]]; then
+  CNX_ARGS="--device cpu --arch convnext_tiny --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --backends dense-nomask,dense,torch"
+else
+  CNX_ARGS="--device cuda --arch convnext_small --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 5 --iters 10 --rotate 2 --backends dense-nomask,dense,torch,triton"
+fi
+CNX_CAP=100
+stage convnext $CNX_CAP "$PY benchmarks/encoder_timing.py $CNX_ARGS --target triton:dense-nomask:2 --deadline-s $(( CNX_CAP - 30 )) --json $OUT/convnext_timing.json --markdown $OUT/convnext_timing.md"
 
 # --- memory checking of the CUDA kernels ---------------------------------------
 if [[ "$SMOKE" == 1 ]]; then
@@ -178,6 +189,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
   if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
   echo
   if [[ -f $OUT/encoder_timing_3d.md ]]; then sed 's/^# /## Volumes: /' "$OUT/encoder_timing_3d.md"; else echo "(no 3-D encoder timing results)"; fi
+  if [[ -f $OUT/convnext_timing.md ]]; then sed 's/^#/##/' "$OUT/convnext_timing.md"; else echo "(no ConvNeXt timing results)"; fi
   echo
   if [[ -f $OUT/ops_bench.json ]]; then
     tmp=$(mktemp -d)
@@ -195,6 +207,7 @@ printf '%s\n' "${STATUS_ROWS[@]}"
 echo
 if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
 if [[ -f $OUT/encoder_timing_3d.md ]]; then grep '^|' "$OUT/encoder_timing_3d.md"; fi
+if [[ -f $OUT/convnext_timing.md ]]; then grep '^|' "$OUT/convnext_timing.md"; fi
 echo
 echo "gpu_check: done in $(( $(date +%s) - T0 ))s; results in $OUT"
 echo "gpu_check: commit them as benchmarks/results/$(date -u +%Y-%m-%d)-${CARD_SLUG}/"

@@ -7,8 +7,9 @@ the autotuner prunes) and the fixed config (deterministic mode), with the argume
 specialization Triton's JIT applies at run time (16-byte aligned pointers, integers
 divisible by 16, integers equal to 1 become constants) at the shapes of one ResNet-50
 SparK step (batch 128, 224 px, mask ratio 0.6) and, for the volume variants (``3-D``),
-of one ResNet-18-3D step (batch 8, 128^3 crops, mask ratio 0.6), and reads registers and
-spill bytes (``ptxas -v``) and shared memory (Triton's metadata) of each.
+of one ResNet-18-3D step (batch 8, 128^3 crops, mask ratio 0.6), and of ConvNeXt-S's
+kernels at the ResNet-50 step, and reads registers and spill bytes (``ptxas -v``), shared
+memory (Triton's metadata) and vectorised global loads/stores (the PTX) of each.
 
     python -m benchmarks.kernel_compile                    # every variant and config, sm_90 + sm_80
     python -m benchmarks.kernel_compile --quick            # fixed configs only, bf16 + fp32 (the CI check)
@@ -38,6 +39,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import ctssl.kernels.batchnorm as bn  # noqa: E402
 import ctssl.kernels.conv as conv  # noqa: E402
+import ctssl.kernels.depthwise as dw  # noqa: E402
+import ctssl.kernels.layernorm as ln  # noqa: E402
 import ctssl.kernels.layout as layout  # noqa: E402
 import ctssl.kernels.pool as pool  # noqa: E402
 import ctssl.kernels.reduce as red  # noqa: E402
@@ -53,6 +56,8 @@ PATCHES = 128 * 20
 STEM_P, STAGE1_P, STAGE2_P = 32, 8, 4  # patch side at the stem input, stage 1 and stage 2
 # One ResNet-18-3D SparK step: batch 8, 128^3 crops in 4 x 4 x 4 patches of 32^3 voxels, 26 of 64 visible.
 PATCHES_3D = 8 * 26
+# ConvNeXt-S's stages at the same step: (patch side, neighbour radius of the 7x7 conv, channels)
+CONVNEXT_STAGES = ((8, 1, 96), (4, 1, 192), (2, 2, 384), (1, 3, 768))
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,39 @@ def _pool_layout_variants_3d(dt: str) -> list[Variant]:
     ]
 
 
+def _convnext_variants(dt: str) -> list[Variant]:
+    """ConvNeXt-S's depthwise 7x7 conv (forward + LayerNorm fused, alone, input and weight gradient) at the
+    stages where it reads 1, 2 and 3 patches away, and LayerNorm over rows (stem / downsampling)."""
+    x, f32, i32 = _ptr(dt), _ptr("fp32"), _ptr("i32")
+    out = []
+    for p, r, c in (CONVNEXT_STAGES[0], CONVNEXT_STAGES[2], CONVNEXT_STAGES[3]):
+        M, geom = PATCHES * p * p, dict(P=p, R=r, K=7, PAD=3)
+        where = f"{c}ch, patch side {p}, radius {r}"
+        out += [
+            Variant(f"convnext depthwise 7x7 + LayerNorm fwd, {where} ({dt})", dw._FWD_LN,
+                    dict(x_ptr=x, w_ptr=f32, b_ptr=f32, lnw_ptr=f32, lnb_ptr=f32, conv_ptr=x, y_ptr=x, mean_ptr=f32,
+                         rstd_ptr=f32, nbr_ptr=i32, M=M, C=c, eps=1e-6),
+                    dict(geom, HAS_BIAS=True, HAS_LNW=True, HAS_LNB=True)),
+            Variant(f"convnext depthwise 7x7 fwd / dgrad, {where} ({dt})", dw._FWD,
+                    dict(x_ptr=x, w_ptr=f32, b_ptr=f32, y_ptr=x, nbr_ptr=i32, M=M, C=c), dict(geom, HAS_BIAS=False)),
+        ]
+        for atomic in (True, False):
+            out.append(Variant(f"convnext depthwise 7x7 wgrad, {where}, {'atomic' if atomic else 'deterministic'} "
+                               f"({dt})", dw._WGRAD,
+                               dict(x_ptr=x, dy_ptr=x, out_ptr=f32, nbr_ptr=i32, M=M, C=c, ROWS_PER_SPLIT=M // 2),
+                               dict(geom, ATOMIC=atomic)))
+    M, c = PATCHES * 8 * 8, 96  # the stem's LayerNorm
+    out += [
+        Variant(f"convnext LayerNorm rows fwd, {c}ch ({dt})", ln._FWD,
+                dict(x_ptr=x, w_ptr=f32, b_ptr=f32, y_ptr=x, mean_ptr=f32, rstd_ptr=f32, M=M, C=c, eps=1e-6),
+                dict(HAS_W=True, HAS_B=True)),
+        Variant(f"convnext LayerNorm rows bwd, {c}ch ({dt})", ln._BWD,
+                dict(dy_ptr=x, x_ptr=x, w_ptr=f32, mean_ptr=f32, rstd_ptr=f32, dx_ptr=x, part_ptr=f32, M=M, C=c),
+                dict(HAS_W=True, NEED_DX=True, NEED_PARAMS=True)),
+    ]
+    return out
+
+
 def _shared_variants() -> list[Variant]:
     f32 = _ptr("fp32")
     return [
@@ -246,6 +284,8 @@ def variants(dtypes=("bf16", "fp16", "fp32")) -> list[Variant]:
     out = []
     for dt in dtypes:
         out += _conv_variants(dt) + _bn_variants(dt) + _pool_layout_variants(dt)
+    for dt in dtypes:  # after every ResNet variant, so the ResNet rows of the report keep their order
+        out += _convnext_variants(dt)
     return out + _shared_variants()
 
 
@@ -347,7 +387,9 @@ def lowering(compiled) -> dict:
     copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
     stores = re.findall(r"\bst\.global((?:\.[a-z0-9]+)*)", compiled.asm["ptx"])
     vector = sum(".v2" in s or ".v4" in s for s in stores)
-    return dict(mma=mma, async_copies=copies, global_stores=len(stores), vector_stores=vector)
+    loads = re.findall(r"\bld\.global((?:\.[a-z0-9]+)*)", compiled.asm["ptx"])
+    return dict(mma=mma, async_copies=copies, global_stores=len(stores), vector_stores=vector,
+                global_loads=len(loads), vector_loads=sum(".v2" in s or ".v4" in s for s in loads))
 
 
 def run(archs, dtypes, every: bool, names=(), jobs: int = 1) -> list[dict]:
@@ -380,7 +422,7 @@ def _line(row: dict) -> str:
         return f"FAIL {head}: {row['error']}"
     return (f"{head}: {row['registers']} regs, spill {row['spill_stores']}/{row['spill_loads']} B, "
             f"smem {row['shared_bytes']} B{'' if row['fits_shared'] else ' (OVER LIMIT)'}, "
-            f"{row['mma']}, {row['async_copies']} async copies")
+            f"{row['mma']}, {row['async_copies']} async copies, vector loads {row['vector_loads']}/{row['global_loads']}")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -393,7 +435,8 @@ def markdown(rows: list[dict], command: str) -> str:
         f"- command: `{command}`",
         f"- triton {triton.__version__}; ptxas: {ptxas.splitlines()[-1] if ptxas else 'unknown'}",
         "- shapes: one ResNet-50 SparK step, batch 128, 224 px, mask ratio 0.6 (20 of 49 patches visible); `3-D` "
-        "variants: one ResNet-18-3D step, batch 8, 128^3 crops (26 of 64 patches visible); "
+        "variants: one ResNet-18-3D step, batch 8, 128^3 crops (26 of 64 patches visible); ConvNeXt-S's "
+        "depthwise/LayerNorm kernels at the ResNet-50 step; "
         "arguments specialized as Triton's JIT does at run time",
         f"- shared-memory limits per block: sm_90 {SMEM_LIMIT[90]} B, sm_80 {SMEM_LIMIT[80]} B; autotuning "
         "skips a config over the limit, the fixed config must fit",

@@ -1,4 +1,5 @@
-"""Model-level benchmarks: the masked ResNet encoder, a SparK step, a contrastive step.
+"""Model-level benchmarks: the masked ResNet encoder, the masked ConvNeXt-T encoder, a SparK step, a
+contrastive step.
 
 On a GPU: ResNet-50, batch 128, 224 px, bf16 autocast, channels-last. On a CPU: the
 small development profile (see ``bench_config``).
@@ -29,6 +30,15 @@ def _require_ssl(method: str):
 def test_encoder(run_workload, backend_name, mask_ratio):
     backend = require_backend(backend_name, backward=True)
     work = encoder_workload(PROFILE, backend, mask_ratio)
+    run_workload(work, group=work.info["case"], rounds=PROFILE.model_rounds)
+
+
+@pytest.mark.parametrize("backend_name,mask_ratio", ENCODER_PARAMS)
+def test_convnext_encoder(run_workload, backend_name, mask_ratio):
+    from ctssl.sparse.backends.base import CONVNEXT_OPS
+
+    backend = require_backend(backend_name, backward=True, ops=CONVNEXT_OPS)
+    work = encoder_workload(PROFILE, backend, mask_ratio, arch="convnext_tiny")
     run_workload(work, group=work.info["case"], rounds=PROFILE.model_rounds)
 
 

@@ -1,4 +1,5 @@
-"""Op-level benchmarks: every backend at ResNet-50's conv/BN/pool shapes, layout ops, PatchIndex.
+"""Op-level benchmarks: every backend at ResNet-50's conv/BN/pool shapes and ConvNeXt-T's convs (stem,
+downsampling, depthwise 7x7), LayerNorm and Linear, layout ops, PatchIndex.
 
 Run ``pytest benchmarks/test_bench_ops.py --benchmark-only``; each case records the backend,
 dtype, mask ratio, visible fraction, memory and images/s in ``extra_info``.
@@ -8,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from bench_config import PROFILE, backend_mask_params, dtype_params, require_backend
-from bench_op_cases import (CONV_SHAPES, MODES, STAGE_MAPS, batchnorm_workload, conv_workload, densify_workload,
+from bench_op_cases import (CONV_SHAPES, CONVNEXT_CONV_SHAPES, CONVNEXT_STAGE_MAPS, MODES, STAGE_MAPS,
+                            batchnorm_workload, conv_workload, densify_workload, layernorm_workload, linear_workload,
                             maxpool_workload, pack_workload, patch_index_workload, to_dense_workload)
 
 BACKEND_MASKS = backend_mask_params(PROFILE.mask_ratios)
@@ -24,6 +26,29 @@ RATIOS = [pytest.param(r, id=f"m{r}") for r in PROFILE.mask_ratios]
 def test_conv(run_workload, shape, mode, backend_name, mask_ratio, dtype):
     backend = require_backend(backend_name, backward=mode == "fwdbwd")
     work = conv_workload(PROFILE, shape, backend, dtype, mask_ratio, mode)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CONVNEXT_CONV_SHAPES, ids=[s.key for s in CONVNEXT_CONV_SHAPES])
+def test_convnext_conv(run_workload, shape, mode, backend_name, mask_ratio, dtype):
+    ops = {"depthwise_conv"} if shape.groups > 1 else {"conv"}
+    backend = require_backend(backend_name, backward=mode == "fwdbwd", ops=ops)
+    work = conv_workload(PROFILE, shape, backend, dtype, mask_ratio, mode)
+    run_workload(work, group=work.info["case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name,mask_ratio", BACKEND_MASKS)
+@pytest.mark.parametrize("channels,stride", CONVNEXT_STAGE_MAPS, ids=[f"c{c}-s{s}" for c, s in CONVNEXT_STAGE_MAPS])
+@pytest.mark.parametrize("op,workload", [("layer_norm", layernorm_workload), ("linear", linear_workload)],
+                         ids=["layernorm", "linear"])
+def test_convnext_per_position(run_workload, op, workload, channels, stride, backend_name, mask_ratio, dtype):
+    """ConvNeXt's LayerNorm and fc1 over the channels of each visible position."""
+    backend = require_backend(backend_name, backward=True, ops={op})
+    work = workload(PROFILE, channels, stride, backend, dtype, mask_ratio)
     run_workload(work, group=work.info["case"])
 
 

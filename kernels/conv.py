@@ -35,7 +35,7 @@ import triton.language as tl
 from .index import _row_position, _source_rows
 from .reduce import column_sum, sum_leading
 from .runtime import (BACKEND, GPU_STATS_BLOCK_M, STATS_BLOCK_M, TunedKernel, check_tensor, config,
-                      dot_precision, interp_block, num_sms, size_key)
+                      dot_precision, interp_block, row_splits, size_key)
 
 FWD_BLOCK_M = STATS_BLOCK_M
 """Rows per forward program: fixed (not tuned) because the fused BN statistics are per block of rows."""
@@ -493,10 +493,7 @@ def conv_wgrad(x: torch.Tensor, dy: torch.Tensor, nbr: torch.Tensor, geom: ConvG
     meta = _WGRAD.meta()
     tiles = (triton.cdiv(T * c_in, meta["BLOCK_K"]) if flat else T * triton.cdiv(c_in, meta["BLOCK_K"]))
     tiles *= triton.cdiv(c_out, meta["BLOCK_N"])
-    row_chunks = triton.cdiv(M, WGRAD_MAX_BLOCK_M * 2)
-    splits = max(1, min(row_chunks, triton.cdiv(2 * num_sms(x.device), tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), WGRAD_MAX_BLOCK_M) * WGRAD_MAX_BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = row_splits(M, tiles, x.device, WGRAD_MAX_BLOCK_M)
     atomic = splits > 1 and not deterministic
     if atomic:
         out = torch.zeros(T, c_in, c_out, device=x.device, dtype=torch.float32)

@@ -134,6 +134,16 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def row_splits(M: int, tiles: int, device: torch.device, granule: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` for a reduction over ``M`` rows done by ``tiles`` programs per split:
+    enough splits to give the GPU about two programs per SM, each split a multiple of ``granule`` rows
+    (a multiple of every BLOCK_M the kernel may run with) and at least two granules long."""
+    row_chunks = triton.cdiv(M, granule * 2)
+    splits = max(1, min(row_chunks, triton.cdiv(2 * num_sms(device), tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), granule) * granule
+    return triton.cdiv(M, rows_per_split), rows_per_split
+
+
 def interp_block(n: int, lo: int = 16, hi: int = 256) -> int:
     """Under the interpreter, a block that covers ``n`` in one step (a power of two in [lo, hi])."""
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))

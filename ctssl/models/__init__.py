@@ -6,7 +6,10 @@ from .resnet import (RESNETS, RESNETS_3D, BasicBlock, Bottleneck, ResNet, create
 __all__ = ["ENCODERS", "create_encoder", "encoder_names", "register_encoder", "ResNet", "BasicBlock", "Bottleneck",
            "RESNETS", "RESNETS_3D", "create_resnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnet18_3d", "resnet34_3d", "resnet50_3d"]
+from .convnext import (CONVNEXTS, ConvNeXt, convnext_base, convnext_large, convnext_small,  # noqa: E402
+                       convnext_tiny)
 from .decoder import LightDecoder  # noqa: E402
 from .heads import MLPHead, Prototypes  # noqa: E402
 
-__all__ += ["LightDecoder", "MLPHead", "Prototypes"]
+__all__ += ["ConvNeXt", "CONVNEXTS", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+            "LightDecoder", "MLPHead", "Prototypes"]

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..sparse import sparse_input
 from ..sparse.backends import Backend
+from ..sparse.backends.base import RESNET_OPS
 from ..sparse.modules import (BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, DropPath, InstanceNorm3d, MaxPool2d,
                               MaxPool3d, ReLU)
-from .registry import create_encoder, register_encoder
+from .registry import create_encoder, masked_forward, register_encoder
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class ResNet(nn.Module):
     """
 
     patch_size = 32  # total downsampling: SparK's patch size for this encoder
+    densify_norm = "batch_norm"  # SparK densifies ResNet features with a sparse BatchNorm
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
                  in_chans: int = 3, drop_path_rate: float = 0.0, zero_init_residual: bool = False, *,
@@ -142,7 +143,7 @@ class ResNet(nn.Module):
         self.relu = ReLU(inplace=True)
         self.maxpool = p.max_pool(3, 2, 1)
         total_blocks = sum(layers)
-        rates = torch.linspace(0, drop_path_rate, total_blocks).tolist() if total_blocks else []
+        rates = torch.linspace(0, drop_path_rate, total_blocks, device="cpu").tolist() if total_blocks else []
         start = 0
         stages = []
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
@@ -155,6 +156,11 @@ class ResNet(nn.Module):
         self.feature_strides = (4, 8, 16, 32)
         self.num_features = self.feature_channels[-1]
         self._init_weights(zero_init_residual)
+
+    @property
+    def sparse_ops(self) -> frozenset[str]:
+        """The engine ops of the masked forward (InstanceNorm instead of BatchNorm with ``norm="instance"``)."""
+        return RESNET_OPS if self.norm == "batch" else (RESNET_OPS - {"batch_norm"}) | {"instance_norm"}
 
     def _make_layer(self, block, width: int, blocks: int, stride: int, rates: list[float],
                     p: Parts) -> nn.Sequential:
@@ -205,16 +211,10 @@ class ResNet(nn.Module):
         ``active`` is a boolean ``(B, H/32, W/32)`` patch mask (``(B, D/32, H/32, W/32)`` for volumes).
         Returns dense maps with zeros at masked positions, or the ``SparseTensor`` maps with ``return_sparse``.
         """
-        if isinstance(images, torch.Tensor) and images.dim() in (4, 5):
-            if images.dim() != self.spatial_dims + 2:
-                want = "images (B, C, H, W)" if self.spatial_dims == 2 else "volumes (B, C, D, H, W)"
-                raise ValueError(f"this {self.spatial_dims}-D encoder takes {want}, got shape {tuple(images.shape)}")
-            if images.shape[1] != self.conv1.in_channels:
-                raise ValueError(f"images have {images.shape[1]} channels, the encoder expects "
-                                 f"{self.conv1.in_channels}")
-        x = sparse_input(images, active, backend, patch_size=self.patch_size, check_finite=check_finite)
-        maps = self._stages(x)
-        return maps if return_sparse else [m.to_dense() for m in maps]
+        return masked_forward(self, images, active, backend, return_sparse=return_sparse, check_finite=check_finite)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -265,8 +265,10 @@ def resnet50_3d(**kwargs) -> ResNet:
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101,
            "resnet152": resnet152}
 RESNETS_3D = {"resnet18_3d": resnet18_3d, "resnet34_3d": resnet34_3d, "resnet50_3d": resnet50_3d}
-for _name, _factory in {**RESNETS, **RESNETS_3D}.items():
+for _name, _factory in RESNETS.items():
     register_encoder(_name, _factory)
+for _name, _factory in RESNETS_3D.items():
+    register_encoder(_name, _factory, spatial_dims=3)
 
 
 def create_resnet(name: str, **kwargs) -> ResNet:

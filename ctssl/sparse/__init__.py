@@ -20,11 +20,15 @@ from .tensor import MaskedDenseTensor, PackedTensor, SparseTensor
 
 def sparse_input(images: torch.Tensor, active: torch.Tensor, backend: str | Backend = "dense",
                  *, patch_size: int = PATCH_SIZE, check_finite: bool = True,
-                 index: PatchIndex | None = None) -> SparseTensor:
-    """Mask an image (or volume) batch and put it in ``backend``'s layout (the index is built here, once)."""
+                 index: PatchIndex | None = None, ops=None, model: str = "this model") -> SparseTensor:
+    """Mask an image (or volume) batch and put it in ``backend``'s layout (the index is built here, once).
+
+    ``ops``: the sparse ops ``model`` will run (an encoder's ``sparse_ops``); a backend that
+    lacks one is refused here, before anything runs.
+    """
     check_images(images, patch_size, check_finite)
     check_mask(active, images, patch_size)
-    be = get_backend(backend, images.device)
+    be = get_backend(backend, images.device, ops=ops, model=model)
     be.check_spatial_dims(images.dim() - 2)
     if index is None:
         index = PatchIndex(active, patch_size)

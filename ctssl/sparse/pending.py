@@ -1,4 +1,8 @@
-"""A BatchNorm result whose normalisation is applied on first use, so a backend can fuse it.
+"""Op results computed on first use, so a backend can fuse them with the op that reads them.
+
+``PendingPacked`` is a packed tensor whose ``values`` are computed when first read (then cached);
+a backend op that knows the pending kind folds it into its own kernel instead (the triton
+backend's depthwise conv, read by a LayerNorm). A BatchNorm result is the main kind:
 
 The protocol (part of ``Backend``, see ``ctssl.sparse.backends.base``): a backend with a fused
 "BatchNorm apply [+ second BatchNorm | + residual] [+ activation]" pass (``triton``, ``cuda``)
@@ -67,20 +71,22 @@ class PendingBN:
         return None
 
 
-class PendingBatchNorm(PackedTensor):
-    """``bn(x) [+ ...]`` with known statistics, applied by its backend when ``values`` is first read."""
+class PendingPacked(PackedTensor):
+    """Packed rows computed by ``_compute()`` when ``values`` is first read (then cached)."""
 
-    __slots__ = ("pending", "_applied")
+    __slots__ = ("_applied",)
 
-    def __init__(self, pending: PendingBN, index, stride, backend):
-        self.pending = pending
+    def __init__(self, index, stride, backend):
         self._applied = None
         super().__init__(None, index, stride, backend)
+
+    def _compute(self) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def values(self):
         if self._applied is None:
-            self._applied = self.backend.apply_pending(self.pending, None)
+            self._applied = self._compute()
         return self._applied
 
     @values.setter
@@ -91,6 +97,22 @@ class PendingBatchNorm(PackedTensor):
     @property
     def unapplied(self) -> bool:
         return self._applied is None
+
+    def with_values(self, values, stride=None):
+        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
+
+
+class PendingBatchNorm(PendingPacked):
+    """``bn(x) [+ ...]`` with known statistics, applied by its backend when ``values`` is first read."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: PendingBN, index, stride, backend):
+        self.pending = pending
+        super().__init__(index, stride, backend)
+
+    def _compute(self) -> torch.Tensor:
+        return self.backend.apply_pending(self.pending, None)
 
     @property
     def channels(self) -> int:
@@ -103,9 +125,6 @@ class PendingBatchNorm(PackedTensor):
     @property
     def device(self) -> torch.device:
         return self.pending.x1.device
-
-    def with_values(self, values, stride=None):
-        return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
 
 
 def fuse_activation(x, activation: str) -> PackedTensor | None:
@@ -127,4 +146,4 @@ def fuse_add(a, b) -> PendingBatchNorm | None:
     return None
 
 
-__all__ = ["PendingBN", "PendingBatchNorm", "fuse_activation", "fuse_add"]
+__all__ = ["PendingBN", "PendingPacked", "PendingBatchNorm", "fuse_activation", "fuse_add"]

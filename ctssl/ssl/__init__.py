@@ -1,6 +1,6 @@
 """Self-supervised pre-training methods: SparK and the contrastive baselines of the seed paper.
 
-Every method is an ``SSLMethod`` (``ctssl.ssl.base``) wrapping a ``ctssl.models.ResNet``
+Every method is an ``SSLMethod`` (``ctssl.ssl.base``) wrapping a ``ctssl.models`` encoder (ResNet, ConvNeXt)
 backbone; ``create_method(name, encoder, backend, **hparams)`` builds one by name.
 
 Library decision (issue 7): the losses and heads are written here, not taken from lightly.

@@ -1,8 +1,9 @@
 """The interface every self-supervised method offers the trainer.
 
-A method owns its backbone (the ``ctssl.models.ResNet`` that is exported and fine-tuned)
-plus whatever else it trains (decoder, heads, momentum copies, queues). The trainer only
-calls the methods below, so SparK and the contrastive baselines share one training loop.
+A method owns its backbone (an encoder of ``ctssl.models``, ResNet or ConvNeXt, that is
+exported and fine-tuned) plus whatever else it trains (decoder, heads, momentum copies,
+queues). The trainer only calls the methods below, so SparK and the contrastive baselines
+share one training loop.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..models.resnet import ResNet
 
 # hparams every method accepts (the trainer's knobs); the values are each method's own defaults
 COMMON_HPARAMS = ("batch_size", "optimizer", "base_lr", "lr_batch_ref", "min_lr_ratio", "weight_decay",
@@ -19,7 +19,12 @@ COMMON_HPARAMS = ("batch_size", "optimizer", "base_lr", "lr_batch_ref", "min_lr_
                   "drop_path_rate", "steps_per_epoch", "input_size")
 
 
-def pooled_features(backbone: ResNet, images: torch.Tensor) -> torch.Tensor:
+ENCODER_CONTRACT = ("forward_features", "forward_masked", "get_classifier", "num_features", "feature_channels",
+                    "patch_size", "in_chans", "sparse_ops", "densify_norm")
+"""What a method uses of its encoder (``ctssl.models.registry`` documents the contract)."""
+
+
+def pooled_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Global-average-pooled last-stage features ``(B, num_features)`` (the classifier's input)."""
     return backbone.forward_features(images)[-1].mean(dim=(2, 3))
 
@@ -54,10 +59,12 @@ class SSLMethod(nn.Module):
     name: str = "?"
     default_hparams: dict[str, Any] = {}
 
-    def __init__(self, encoder: ResNet, backend: str = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__()
-        if not isinstance(encoder, ResNet):
-            raise TypeError(f"{self.name}: encoder must be a ctssl.models.ResNet, got {type(encoder).__name__}")
+        missing = [a for a in ENCODER_CONTRACT if not hasattr(encoder, a)]
+        if not isinstance(encoder, nn.Module) or missing:
+            raise TypeError(f"{self.name}: encoder must be a ctssl.models encoder (ResNet, ConvNeXt), got "
+                            f"{type(encoder).__name__}" + (f" without {', '.join(missing)}" if missing else ""))
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
             raise ValueError(f"{self.name}: unknown hparam(s) {', '.join(unknown)}; valid: "
@@ -66,7 +73,7 @@ class SSLMethod(nn.Module):
         self.backend = backend
         self.backbone = encoder
         # no method trains the classifier; frozen so DDP does not see unused parameters
-        self.backbone.fc.requires_grad_(False)
+        self.backbone.get_classifier().requires_grad_(False)
 
     # --- the trainer's interface ----------------------------------------------
     def forward(self, batch) -> dict[str, torch.Tensor]:

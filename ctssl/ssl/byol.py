@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.augment import TwoViewTransform
 from ..models.heads import MLPHead
-from ..models.resnet import ResNet
 from .base import SSLMethod, as_views, pooled_features
 from .momentum import cosine_momentum, ema_update, momentum_copy
 
@@ -28,7 +28,7 @@ class BYOL(SSLMethod):
         "pred_hidden_dim": 4096, "crop_scale": (0.08, 1.0), "blur_p": (1.0, 0.1),
     }
 
-    def __init__(self, encoder: ResNet, backend: str = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
         hp = self.hparams
         self.projector = MLPHead(encoder.num_features, hp["proj_hidden_dim"], hp["proj_dim"], batch_norm=True)

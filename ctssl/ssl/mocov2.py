@@ -7,7 +7,6 @@ from torch import nn
 
 from ..data.augment import TwoViewTransform
 from ..models.heads import MLPHead
-from ..models.resnet import ResNet
 from . import distributed as dist
 from .base import SSLMethod, as_views, pooled_features
 from .momentum import ema_update, momentum_copy
@@ -62,7 +61,7 @@ class MoCoV2(SSLMethod):
         "proj_dim": 128, "symmetric": False, "crop_scale": (0.2, 1.0),
     }
 
-    def __init__(self, encoder: ResNet, backend: str = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
         hp = self.hparams
         feat = encoder.num_features

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.augment import TwoViewTransform
 from ..models.heads import MLPHead
-from ..models.resnet import ResNet
 from . import distributed as dist
 from .base import SSLMethod, as_views, pooled_features
 
@@ -43,7 +43,7 @@ class SimCLR(SSLMethod):
         "temperature": 0.1, "proj_hidden_dim": None, "proj_dim": 128, "crop_scale": (0.08, 1.0),
     }
 
-    def __init__(self, encoder: ResNet, backend: str = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
         hp = self.hparams
         feat = encoder.num_features

@@ -1,8 +1,9 @@
 """SparK: masked image modelling for CNNs (Tian et al., ICLR 2023), on ctssl's sparse engine.
 
 One step: mask 60% of the 32x32 patches (exactly ``round(L * 0.4)`` kept per image), run the
-encoder on the visible patches only (any engine backend), densify the four stage maps
-(sparse BN, a learned per-stage mask token at masked positions, a projection to the decoder
+encoder (ResNet or ConvNeXt) on the visible patches only (any engine backend with the
+encoder's ops), densify the four stage maps (sparse BN for ResNets, sparse LayerNorm for
+ConvNeXts, a learned per-stage mask token at masked positions, a projection to the decoder
 width), decode densely with the light UNet decoder, and regress the per-patch normalised
 pixels of the masked patches.
 """
@@ -15,11 +16,13 @@ from torch import nn
 
 from ..data.augment import SparkTransform
 from ..models.decoder import LightDecoder
-from ..models.resnet import ResNet
 from ..sparse import get_backend, random_patch_mask
 from ..sparse.backends import Backend
-from ..sparse.modules import BatchNorm2d
+from ..sparse.modules import BatchNorm2d, LayerNorm2d
 from .base import SSLMethod
+
+DENSIFY_NORMS = {"batch_norm": BatchNorm2d, "layer_norm": lambda c: LayerNorm2d(c, eps=1e-6)}
+"""SparK's sparse norm before densifying, by the encoder's ``densify_norm`` (BN for ResNets, LN for ConvNeXts)."""
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -70,7 +73,7 @@ def preserved_buffers(module: nn.Module):
 
 
 class SparK(SSLMethod):
-    """SparK with a ctssl ResNet encoder; ``backend`` picks the sparse engine (dense, torch, triton, ...)."""
+    """SparK with a ctssl encoder (ResNet, ConvNeXt); ``backend`` picks the sparse engine (dense, torch, triton, ...)."""
 
     name = "spark"
     default_hparams = {
@@ -83,10 +86,11 @@ class SparK(SSLMethod):
         "mask_ratio": 0.6, "decoder_width": 768, "input_size": 224, "check_finite": True, "vis_images": 8,
     }
 
-    def __init__(self, encoder: ResNet, backend: str | Backend = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str | Backend = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
-        if isinstance(backend, str) and backend != "auto":
-            get_backend(backend)  # unknown or unusable names fail here, not at the first step
+        if backend != "auto":
+            # unknown or unusable names, and backends without the encoder's ops, fail here, before any step
+            get_backend(backend, ops=encoder.sparse_ops, model=type(encoder).__name__)
         hp = self.hparams
         if not 0.0 < hp["mask_ratio"] < 1.0:
             raise ValueError(f"spark: mask_ratio must be in (0, 1), got {hp['mask_ratio']}")
@@ -94,14 +98,18 @@ class SparK(SSLMethod):
         width = int(hp["decoder_width"])
         enc_widths = list(reversed(encoder.feature_channels))  # smallest map first
         dec_widths = [width // 2 ** i for i in range(len(enc_widths))]
-        self.densify_norms = nn.ModuleList(BatchNorm2d(c) for c in enc_widths)
+        if encoder.densify_norm not in DENSIFY_NORMS:
+            raise ValueError(f"spark: encoder {type(encoder).__name__} asks for densify norm "
+                             f"{encoder.densify_norm!r}; known: {', '.join(DENSIFY_NORMS)}")
+        self.densify_norms = nn.ModuleList(DENSIFY_NORMS[encoder.densify_norm](c) for c in enc_widths)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in enc_widths)
         for token in self.mask_tokens:
             nn.init.trunc_normal_(token, std=0.02)
+        # SparK's projections: 1x1 at the smallest map (none when the widths already agree), 3x3 elsewhere
         self.densify_projs = nn.ModuleList(
-            nn.Conv2d(ce, cd, k, padding=k // 2, bias=True)
-            for ce, cd, k in zip(enc_widths, dec_widths, [1] + [3] * (len(enc_widths) - 1)))
-        self.decoder = LightDecoder(width, out_chans=encoder.conv1.in_channels, num_blocks=5)
+            nn.Identity() if i == 0 and ce == cd else nn.Conv2d(ce, cd, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
+            for i, (ce, cd) in enumerate(zip(enc_widths, dec_widths)))
+        self.decoder = LightDecoder(width, out_chans=encoder.in_chans, num_blocks=5)
 
     # --- pieces --------------------------------------------------------------
     def _images(self, batch) -> torch.Tensor:
@@ -119,8 +127,8 @@ class SparK(SSLMethod):
         return random_patch_mask(B, (H // p, W // p), self.hparams["mask_ratio"], device=images.device)
 
     def fill_masked(self, stage: int, feature) -> torch.Tensor:
-        """Sparse BN of one sparse stage map (``stage`` 0 = smallest), then a dense map with the
-        stage's mask token at every masked position."""
+        """Sparse BN (LN for ConvNeXt) of one sparse stage map (``stage`` 0 = smallest), then a dense map
+        with the stage's mask token at every masked position."""
         feature = self.densify_norms[stage](feature)
         return feature.backend.densify(feature, self.mask_tokens[stage])
 
@@ -130,7 +138,8 @@ class SparK(SSLMethod):
 
     def reconstruct(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Decoder output ``(B, C, H, W)`` in per-patch normalised units."""
-        backend = get_backend(self.backend, images.device)
+        backend = get_backend(self.backend, images.device, ops=self.backbone.sparse_ops,
+                              model=type(self.backbone).__name__)
         features = self.backbone.forward_masked(images, active, backend, return_sparse=True,
                                                 check_finite=self.hparams["check_finite"])
         return self.decoder(self.densify(features))

@@ -7,7 +7,6 @@ from torch import nn
 
 from ..data.augment import MultiCropTransform
 from ..models.heads import MLPHead, Prototypes
-from ..models.resnet import ResNet
 from . import distributed as dist
 from .base import SSLMethod, as_views, pooled_features
 
@@ -94,7 +93,7 @@ class SwAV(SSLMethod):
         "freeze_prototypes_epochs": 1, "freeze_prototypes_steps": None,
     }
 
-    def __init__(self, encoder: ResNet, backend: str = "auto", **hparams):
+    def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
         hp = self.hparams
         if hp["n_global_crops"] < 1 or hp["n_global_crops"] + hp["n_local_crops"] < 2:

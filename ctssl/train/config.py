@@ -23,7 +23,16 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def _registered_encoders() -> tuple[str, ...]:
+    from ctssl.models import encoder_names
+
+    return tuple(encoder_names(spatial_dims=2))
+
+
+ARCHS = _registered_encoders()
+"""Every 2-D encoder of ``ctssl.models``' registry (ResNets, ConvNeXts): pre-training reads CT slices."""
 OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")

@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Self-supervised pre-training (SparK, SimCLR, MoCo v2, BYOL, SwAV) of a "
-                                       "ResNet on a prepared CT slice store.",
+                                       "ResNet or ConvNeXt on a prepared CT slice store.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--method", choices=METHODS, help="pre-training method (default: the checkpoint's with --resume)")
     p.add_argument("--backend", help="sparse engine backend for SparK: auto, dense, torch, triton, cuda, spconv, "
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "toy: ResNet-18, 64 px, 20 steps on the CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field (repeatable), e.g. --set warmup_epochs=10 --set hparams.temperature=0.2")
-    p.add_argument("--arch", choices=ARCHS, help="ResNet encoder (paper preset: resnet50; toy: resnet18)")
+    p.add_argument("--arch", choices=ARCHS, help="encoder: a ResNet or ConvNeXt (paper preset: resnet50; toy: resnet18)")
     p.add_argument("--in-chans", type=int, choices=(1, 3),
                    help="encoder input channels: 3 (grey CT copied to RGB, as the paper fine-tunes) or 1")
     length = p.add_mutually_exclusive_group()
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help=f"continue from PATH (default OUT/{LAST})")
-    p.add_argument("--export", metavar="PATH", help="after training, write the backbone as a plain torchvision "
-                                                    "ResNet state_dict")
+    p.add_argument("--export", metavar="PATH", help="after training, write the backbone as a plain state_dict "
+                                                    "(torchvision's keys for ResNets, timm's for ConvNeXts)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

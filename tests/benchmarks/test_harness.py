@@ -66,6 +66,33 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert "| torch | 0.50 |" in md.read_text()
 
 
+def test_targets_compare_medians_at_the_first_ratio():
+    rows = [{"status": "ok", "case_kind": "encoder", "backend": NOMASK, "mask_ratio": None, "median_ms": 100.0},
+            {"status": "ok", "case_kind": "encoder", "backend": "dense", "mask_ratio": 0.6, "median_ms": 300.0},
+            {"status": "ok", "case_kind": "encoder", "backend": "torch", "mask_ratio": 0.6, "median_ms": 150.0},
+            {"status": "ok", "case_kind": "encoder", "backend": "torch", "mask_ratio": 0.3, "median_ms": 10.0},
+            {"status": "skipped", "case_kind": "encoder", "backend": "triton", "mask_ratio": 0.6, "reason": "no GPU"}]
+    got = encoder_timing.check_targets(rows, [("torch", "dense", 1.5), ("torch", NOMASK, 2.0),
+                                              ("triton", NOMASK, 2.0)], 0.6)
+    assert [(t["measured_speedup"], t["met"]) for t in got] == [(2.0, True), (100 / 150, False), (None, None)]
+
+
+def test_encoder_timing_times_convnext_and_skips_backends_without_its_ops(tmp_path):
+    out = tmp_path / "enc.json"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "convnext_tiny", "--batch", "1", "--size", "32",
+                              "--mask-ratios", "0.0", "--backends", "dense,torch,spconv", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "1", "--rotate", "1", "--target", "torch:dense:0.01",
+                              "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in data["results"]}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["loss_check"] == "ok"
+    assert rows["spconv"]["status"] == "skipped"
+    if registry_status().get("spconv") is None:
+        assert "backend 'spconv' cannot run this encoder: it has no depthwise_conv" in rows["spconv"]["reason"]
+    assert data["targets"][0]["met"] is True and data["targets"][0]["measured_speedup"] > 0
+
+
 def test_encoder_timing_on_volumes_in_fresh_processes_with_peak_memory(tmp_path):
     """The 3-D encoder on cubic volumes; on a CPU each case in its own process, with its peak resident memory
     per step and what autograd keeps."""

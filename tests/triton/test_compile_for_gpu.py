@@ -1,6 +1,6 @@
 """The kernels compile for Hopper (sm_90) and Ampere (sm_80) with Triton's real compiler, on a machine
 without a GPU, and the configs that deterministic mode runs neither spill registers nor exceed
-shared memory there.
+shared memory there (ResNet's and ConvNeXt's kernels).
 
 The interpreter cannot see GPU-only compile errors or register pressure; ptxas can. The full
 report (every autotune config, every dtype) is ``python -m benchmarks.kernel_compile --out DIR``.
@@ -31,7 +31,9 @@ def test_fixed_configs_compile_without_spills_for_sm90_and_sm80(tmp_path):
     rows = json.loads((tmp_path / "kernel-resources.json").read_text())["rows"]
     assert {r["arch"] for r in rows} == {90, 80}
     assert {r["kernel"] for r in rows} >= {"_gather_gemm_kernel", "_wgrad_kernel", "_apply_kernel",
-                                           "_bwd_dx_kernel", "_maxpool_fwd_kernel", "_unpack_kernel"}
+                                           "_bwd_dx_kernel", "_maxpool_fwd_kernel", "_unpack_kernel",
+                                           "_dw_fwd_kernel", "_dw_ln_fwd_kernel", "_dw_wgrad_kernel",
+                                           "_ln_fwd_kernel", "_ln_bwd_kernel"}
     volumes = {r["kernel"] for r in rows if "3-D" in r["variant"]}  # the NDIM=3 specializations
     assert volumes >= {"_gather_gemm_kernel", "_wgrad_kernel", "_maxpool_fwd_kernel", "_maxpool_bwd_kernel",
                        "_pack_kernel", "_unpack_kernel", "_masked_sum_kernel"}
@@ -49,6 +51,11 @@ def test_fixed_configs_compile_without_spills_for_sm90_and_sm80(tmp_path):
     unpipelined = [(r["arch"], r["variant"]) for r in gemms
                    if not r["async_copies"] and "multiples of 16" not in r["variant"]]
     assert not unpipelined, f"conv GEMMs whose loads are not pipelined: {unpipelined}"
+    # ConvNeXt's memory-bound kernels (depthwise conv, LayerNorm) read rows with vector loads
+    convnext = [r for r in rows if r["variant"].startswith("convnext")]
+    assert len(convnext) >= 40
+    scalar = [(r["arch"], r["variant"]) for r in convnext if not r["vector_loads"]]
+    assert not scalar, f"ConvNeXt kernels without vectorised global loads: {scalar}"
 
 
 def _per_thread(c) -> int:

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import ctssl.kernels.conv as conv_kernels
+import ctssl.kernels.runtime as runtime
 from ctssl.sparse.backends.triton import TritonBackend
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d, ReLU
 
@@ -41,12 +42,12 @@ def _step(backend, seed=0):
 
 def test_weight_gradient_row_splits_agree_across_modes(monkeypatch):
     """Force the row-split weight gradient (as on a GPU with many SMs): fixed-order sum and atomics agree."""
-    monkeypatch.setattr(conv_kernels, "num_sms", lambda device: 64)
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 64)
     det = _step(TritonBackend(deterministic=True))
     again = _step(TritonBackend(deterministic=True))
     fast = _step(TritonBackend(deterministic=False))
     unsplit = None
-    monkeypatch.setattr(conv_kernels, "num_sms", lambda device: 1)
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 1)
     unsplit = _step(TritonBackend(deterministic=True))
     for a, b, c, d in zip(det, again, fast, unsplit):
         assert torch.equal(a, b)
@@ -63,7 +64,7 @@ def test_split_count_follows_the_device(monkeypatch):
     seen = []
     real = conv_kernels.sum_leading
     monkeypatch.setattr(conv_kernels, "sum_leading", lambda t: seen.append(t.shape[0]) or real(t))
-    monkeypatch.setattr(conv_kernels, "num_sms", lambda device: 16)
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 16)
     g = conv_kernels.conv_wgrad(x, dy, nbr, geom, 4, deterministic=True)
     assert seen and seen[0] > 1  # several splits, summed in a fixed order
     assert rel_err(g[0], x.T.double() @ dy.double()) < 1e-6

@@ -75,24 +75,28 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str | Backend = "dense", device: torch.device | str | None = None, *,
-                training: bool = False) -> Backend:
+                training: bool = False, ops=None, model: str = "this model") -> Backend:
     """The backend called ``name`` (``auto`` picks the fastest usable one for ``device``).
 
     Fails here, not deep inside a forward, when the name is unknown or the backend
     cannot run (with ``training``: cannot run the backward) on ``device``: the message
-    lists what is usable and what the missing one needs.
+    lists what is usable and what the missing one needs. ``ops`` (names from ``base.OPS``,
+    e.g. an encoder's ``sparse_ops``) are the ops ``model`` needs: ``auto`` only picks a
+    backend that has them, a named backend without them is refused with its reason.
     """
-    backend = _select(name, device)
+    backend = _select(name, device, ops)
     if training and device is not None:
         reason = backend.training_unsupported_reason(torch.device(device))
         if reason:
             raise BackendUnavailableError(f"backend {backend.name!r} cannot train on {torch.device(device)}: {reason}")
+    if ops is not None:
+        backend.check_ops(ops, model)
     return backend
 
 
-def auto_backend(device: torch.device | str | None = None, *, check: bool = True) -> Backend:
+def auto_backend(device: torch.device | str | None = None, *, check: bool = True, ops=None) -> Backend:
     """What ``auto`` picks for ``device``: the first usable backend of ``AUTO_ORDER_GPU`` on a CUDA
-    device, of ``AUTO_ORDER_CPU`` elsewhere (``torch`` when none is).
+    device, of ``AUTO_ORDER_CPU`` elsewhere (``torch`` when none is), among those with ``ops``.
 
     A backend with custom kernels (``self_check_before_auto``) must first pass its self-check on the
     device (run once, then cached: ``ctssl.sparse.self_check``); one that fails is skipped with one
@@ -105,7 +109,7 @@ def auto_backend(device: torch.device | str | None = None, *, check: bool = True
     chosen = None
     for candidate in AUTO_ORDER_GPU if dev.type == "cuda" else AUTO_ORDER_CPU:
         backend, _ = _load(candidate)
-        if backend is None:
+        if backend is None or (ops is not None and not set(ops) <= backend.supported_ops):
             continue
         if backend.self_check_before_auto:
             verdict = self_check.check(backend, dev) if check else self_check.cached_verdict(backend, dev)
@@ -126,7 +130,7 @@ def auto_backend(device: torch.device | str | None = None, *, check: bool = True
     return chosen
 
 
-def _select(name: str | Backend, device) -> Backend:
+def _select(name: str | Backend, device, ops=None) -> Backend:
     if isinstance(name, Backend):
         if device is not None:
             name.check_device(torch.device(device))
@@ -134,7 +138,7 @@ def _select(name: str | Backend, device) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
     if name == "auto":
-        return auto_backend(device)
+        return auto_backend(device, ops=ops)
     if name not in _REGISTRY:
         raise BackendUnavailableError(
             f"unknown backend {name!r}; choose one of {', '.join(['auto', *_REGISTRY])} "

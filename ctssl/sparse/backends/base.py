@@ -1,10 +1,14 @@
-"""The backend interface: the few operations a masked ResNet needs.
+"""The backend interface: the few operations a masked ResNet or ConvNeXt needs.
 
 Every backend implements the semantics of design.md section 2 (the ``dense``
 backend *is* that definition). Elementwise operations are shared here because
 they map 0 to 0 in any layout; so is the pending-BatchNorm protocol
 (``ctssl.sparse.pending``), through which a backend fuses BatchNorm with the
 activation and residual add that follow it.
+
+A model states the ops it needs (an encoder's ``sparse_ops``, names from ``OPS``) and a
+backend the ops it has (``supported_ops``); ``check_ops`` refuses a model a backend cannot
+run, with the reason, when its input is built (``ctssl.sparse.sparse_input(..., ops=)``).
 """
 from __future__ import annotations
 
@@ -14,6 +18,30 @@ import torch.nn.functional as F
 from ..index import PatchIndex
 from ..pending import PendingBN, fuse_activation, fuse_add
 from ..tensor import SparseTensor
+
+
+OPS: dict[str, str] = {
+    "conv": "convolution with groups=1 (conv2d / conv3d), any aligned kernel, stride, padding, dilation",
+    "depthwise_conv": "depthwise k x k convolution (conv2d / conv3d with groups = channels), stride 1",
+    "batch_norm": "BatchNorm over visible positions",
+    "layer_norm": "LayerNorm over the channels of each visible position",
+    "linear": "a Linear over the channels of each visible position",
+    "max_pool": "max pooling",
+    "avg_pool": "average pooling",
+    "instance_norm": "InstanceNorm over each sample's visible positions",
+    "relu": "ReLU / ReLU6",
+    "leaky_relu": "LeakyReLU",
+    "gelu": "GELU",
+    "scale_channels": "per-channel scale (layer scale)",
+    "scale_samples": "per-sample scale (stochastic depth)",
+    "add": "residual add",
+}
+"""Names a model may list in its ``sparse_ops`` (what each one means); the same for images and volumes
+(``spatial_dims`` says which grids a backend computes on)."""
+RESNET_OPS = frozenset({"conv", "batch_norm", "max_pool", "relu", "add", "scale_samples"})
+CONVNEXT_OPS = frozenset({"conv", "depthwise_conv", "layer_norm", "linear", "gelu", "scale_channels",
+                          "scale_samples", "add"})
+ALL_OPS = frozenset(OPS)
 
 
 def ntuple(v, n: int) -> tuple[int, ...]:
@@ -69,6 +97,9 @@ class Backend:
     name: str = "?"
     needs: str = ""  # what to install or set for this backend, shown when unavailable
     spatial_dims: tuple[int, ...] = (2,)
+    supported_ops: frozenset[str] = RESNET_OPS | {"avg_pool", "leaky_relu"}
+    unsupported_ops_reason: str = "not implemented in this backend"
+    """Why the ops missing from ``supported_ops`` are missing (shown when a model needs them)."""
     self_check_before_auto: bool = False
     """Custom kernels: ``auto`` selects this backend on a device only after it passed its self-check there
     (``ctssl.sparse.self_check``)."""
@@ -88,6 +119,15 @@ class Backend:
                              f"(it supports {', '.join(f'{d}-D' for d in self.spatial_dims)}); "
                              f"use backend 'torch' or 'dense'")
 
+    def check_ops(self, ops, model: str = "this model") -> None:
+        """Raise a clear error if ``model`` needs ops (names from ``OPS``) this backend does not have."""
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown:
+            raise ValueError(f"{model} lists unknown sparse ops {', '.join(unknown)}; known: {', '.join(OPS)}")
+        missing = sorted(set(ops) - self.supported_ops)
+        if missing:
+            raise ValueError(f"backend {self.name!r} cannot run {model}: it has no {', '.join(missing)} op "
+                             f"({self.unsupported_ops_reason}); use backend 'torch', 'triton' or 'dense'")
     def training_unsupported_reason(self, device: torch.device) -> str | None:
         """None when this backend can train on ``device`` (run the backward), else why not and what to use."""
         return None
@@ -140,6 +180,17 @@ class Backend:
         """Multiply each image's features by ``scale[b]`` (stochastic depth)."""
         raise NotImplementedError
 
+    def scale_channels(self, x: SparseTensor, scale: torch.Tensor) -> SparseTensor:
+        """Multiply channel c by ``scale[c]`` (ConvNeXt's layer scale)."""
+        raise NotImplementedError
+
+    def layer_norm(self, x: SparseTensor, weight, bias, eps: float) -> SparseTensor:
+        """LayerNorm over the channels of every visible position (fp32 statistics); masked positions stay 0."""
+        raise NotImplementedError
+
+    def linear(self, x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> SparseTensor:
+        """``x @ weight.T + bias`` at every visible position; masked positions stay 0 (no bias there)."""
+        raise NotImplementedError
     # --- pending BatchNorm (ctssl.sparse.pending) ---------------------------
     pending_activations: frozenset[str] = frozenset()
     """Activations ``apply_pending`` folds into a pending BatchNorm's apply pass ("relu", "relu6")."""
@@ -161,6 +212,9 @@ class Backend:
 
     def leaky_relu(self, x: SparseTensor, negative_slope: float = 0.01, inplace: bool = False) -> SparseTensor:
         return x.map(lambda v: F.leaky_relu(v, negative_slope, inplace))
+
+    def gelu(self, x: SparseTensor, approximate: str = "none") -> SparseTensor:
+        return x.map(lambda v: F.gelu(v, approximate=approximate))
 
     def add(self, a: SparseTensor, b: SparseTensor) -> SparseTensor:
         """``a + b``; a pending BatchNorm on either side stays pending with the other folded in."""

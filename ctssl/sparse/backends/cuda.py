@@ -25,7 +25,7 @@ from ..index import PatchIndex
 from ..pending import PendingBN, PendingBatchNorm
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import Backend, check_aligned, pair
 from .torch_packed import TorchBackend
 
 
@@ -38,6 +38,8 @@ class CudaBackend(TorchBackend):
     self_check_before_auto = True
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "
              "with nvcc and a CUDA build of torch")
+    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
+    unsupported_ops_reason = "the cuda backend's ConvNeXt ops (depthwise conv, LayerNorm) are not implemented yet"
 
     def unavailable_reason(self) -> str | None:
         reason = runtime.missing_reason()

@@ -3,8 +3,9 @@
 Every op runs densely on the full map and is then multiplied by the patch mask at
 its output resolution; BatchNorm gathers the visible pixels with a boolean index,
 normalises them and scatters them back into zeros, exactly as SparK's code does
-(InstanceNorm likewise, with statistics per sample).
-Images and volumes alike: the ops are torch's 2-D or 3-D ones.
+(InstanceNorm likewise, with statistics per sample; LayerNorm over each position's
+channels too). A Linear over channels is masked like a conv (its bias would otherwise
+fill masked positions). Images and volumes alike: the ops are torch's 2-D or 3-D ones.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..batchnorm_rows import batch_norm_rows
 from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
 from ..tensor import MaskedDenseTensor, SparseTensor
-from .base import Backend, check_aligned
+from .base import ALL_OPS, Backend, check_aligned
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -31,6 +32,7 @@ class DenseBackend(Backend):
     name = "dense"
     needs = "nothing (always available)"
     spatial_dims = (2, 3)
+    supported_ops = ALL_OPS
 
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
         mask = index.dense_mask(1, images.dtype)
@@ -41,7 +43,7 @@ class DenseBackend(Backend):
 
     def densify(self, x: SparseTensor, token: torch.Tensor) -> torch.Tensor:
         mask = x.index.dense_mask(x.stride)
-        return torch.where(mask, x.values, token.to(x.values.dtype).view(1, -1, *([1] * x.ndim)))
+        return torch.where(mask, x.values, self._per_channel(x, token))
 
     def _masked(self, x: SparseTensor, y: torch.Tensor, stride: int) -> SparseTensor:
         return MaskedDenseTensor(y * x.index.dense_mask(stride, y.dtype), x.index, stride, self)
@@ -83,6 +85,19 @@ class DenseBackend(Backend):
     def instance_norm(self, x, weight, bias, eps):
         return self._on_visible_rows(x, lambda rows, samples: instance_norm_rows(
             rows, weight, bias, samples, x.index.batch_size, eps))
+
+    def layer_norm(self, x, weight, bias, eps):
+        return self._on_visible_rows(x, lambda rows, _: F.layer_norm(rows, rows.shape[1:], weight, bias, eps))
+
+    def linear(self, x, weight, bias):
+        y = F.linear(channels_last(x.values), weight, bias).movedim(-1, 1)
+        return self._masked(x, y, x.stride)
+
+    def _per_channel(self, x, v: torch.Tensor) -> torch.Tensor:
+        return v.to(x.values.dtype).view(1, -1, *([1] * x.ndim))
+
+    def scale_channels(self, x, scale):
+        return x.with_values(x.values * self._per_channel(x, scale))
 
     def scale_samples(self, x, scale):
         return x.with_values(x.values * scale.to(x.values.dtype).view(-1, *([1] * (x.ndim + 1))))

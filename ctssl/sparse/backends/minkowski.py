@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, pair
+from .base import Backend, check_aligned, pair
 from .spconv import packed_pixels
 from .torch_packed import TorchBackend
 
@@ -43,6 +43,9 @@ class MinkowskiBackend(TorchBackend):
     name = "minkowski"
     spatial_dims = (2,)  # coordinate maps and kernels of dimension 2 only
     needs = BUILD_HINT
+    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
+    unsupported_ops_reason = ("MinkowskiEngine has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/"
+                              "GELU would be the torch backend's")
 
     def __init__(self):
         self._me = None

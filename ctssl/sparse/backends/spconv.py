@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, ntuple
+from .base import Backend, check_aligned, ntuple
 from .torch_packed import TorchBackend
 
 INSTALL_HINT = (
@@ -111,6 +111,9 @@ class SpconvBackend(TorchBackend):
     name = "spconv"
     spatial_dims = (2, 3)
     needs = INSTALL_HINT
+    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
+    unsupported_ops_reason = ("spconv has no depthwise convolution, so no ConvNeXt; its LayerNorm/Linear/GELU "
+                              "would be the torch backend's")
 
     def __init__(self, impl: str | None = None):
         if impl is not None and impl not in IMPLEMENTATIONS:

@@ -4,8 +4,8 @@ A k x k (x k) conv gathers each visible patch with a halo of ``padding`` pixels 
 its neighbours (as many patches away as the halo reaches) and runs the framework
 conv with padding 0; where the output patches are tiny (side <= ``GEMM_MAX_SIDE``) the
 taps of the halo-padded patches are unfolded into one matrix and the conv is a
-single GEMM instead; 1x1 convs are matmuls on the rows; BatchNorm is plain
-BatchNorm over the rows. Max pooling recomputes its halo in the backward instead of
+single GEMM instead; 1x1 convs are matmuls on the rows; BatchNorm, LayerNorm and
+Linear are the plain framework ops on the rows. Max pooling recomputes its halo in the backward instead of
 keeping it. Correct on CPU and GPU, and the baseline the custom kernels must beat.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..halo import HaloConv, halo_gather
 from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
 from ..tensor import PackedTensor, SparseTensor
-from .base import Backend, check_aligned, ntuple
+from .base import ALL_OPS, Backend, check_aligned, ntuple
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -62,6 +62,7 @@ class TorchBackend(Backend):
     name = "torch"
     needs = "nothing (always available)"
     spatial_dims = (2, 3)
+    supported_ops = ALL_OPS
 
     # --- layout ------------------------------------------------------------
     def sparse_input(self, images: torch.Tensor, index: PatchIndex) -> SparseTensor:
@@ -169,6 +170,14 @@ class TorchBackend(Backend):
     def instance_norm(self, x, weight, bias, eps):
         rows = instance_norm_rows(x.values, weight, bias, x.index.row_samples(x.stride), x.index.batch_size, eps)
         return x.with_values(rows)
+    def layer_norm(self, x, weight, bias, eps):
+        return x.with_values(F.layer_norm(x.values, (x.channels,), weight, bias, eps))
+
+    def linear(self, x, weight, bias):
+        return x.with_values(F.linear(x.values, weight, bias))
+
+    def scale_channels(self, x, scale):
+        return x.with_values(x.values * scale.to(x.values.dtype))
 
     def scale_samples(self, x, scale):
         rows_scale = scale.to(x.values.dtype)[x.index.row_samples(x.stride)]

@@ -2,8 +2,10 @@
 
 Conv (forward, input and weight gradient), BatchNorm, max pool and the layout
 conversions run as Triton kernels, on images and volumes alike (the kernels take the
-grid's dimensionality as a constexpr); average pooling and stochastic depth reuse the
-``torch`` backend's packed ops (ResNet uses neither on its sparse path).
+grid's dimensionality as a constexpr), and ConvNeXt's depthwise conv (images; k up to 7,
+stride 1, reading up to 3 patches away) and LayerNorm over channels; average pooling,
+stochastic depth, Linear (a GEMM on the rows: cuBLAS), GELU and layer scale reuse the
+``torch`` backend's packed ops.
 
 Fusion, all exact in semantics:
 - every conv writes the BatchNorm statistics of its output in its epilogue, so a
@@ -12,7 +14,10 @@ Fusion, all exact in semantics:
   stats are updated at once) but the normalisation is applied when the result is
   first used. ``relu(bn(x))``, ``bn(x) + r`` and ``relu(bn(x) + r)`` / ``relu(bn(x) +
   bn(z))`` then run as one kernel (forward and backward); any other use of the
-  pending tensor's ``values`` applies the BatchNorm alone.
+  pending tensor's ``values`` applies the BatchNorm alone;
+- a depthwise conv returns a *pending* tensor too: a LayerNorm read of it (ConvNeXt's
+  ``norm(conv_dw(x))``) runs conv and LayerNorm as one kernel; any other read runs the
+  conv alone.
 
 Modes: ``TritonBackend(deterministic=True)``, ``CTSSL_DETERMINISTIC=1`` or
 ``torch.use_deterministic_algorithms(True)`` give bitwise-reproducible results (no
@@ -27,16 +32,18 @@ import torch
 
 from ..index import PatchIndex
 from ..norm_stats import NormStats, batch_norm_statistics
-from ..pending import PendingBN, PendingBatchNorm
+from ..pending import PendingBN, PendingBatchNorm, PendingPacked
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
-from .base import check_aligned, ntuple
+from .base import check_aligned, ntuple, pair
 from .torch_packed import TorchBackend
 
 try:
     from ctssl.kernels import runtime as _rt
     from ctssl.kernels.batchnorm import BatchNormActFunction, finalize_stats, partial_stats
     from ctssl.kernels.conv import ConvGeometry, SparseConvFunction
+    from ctssl.kernels.depthwise import DepthwiseConv2dFunction, DepthwiseConvLayerNormFunction, depthwise_geometry
+    from ctssl.kernels.layernorm import LayerNormFunction
     from ctssl.kernels.layout import PackFunction, UnpackFunction
     from ctssl.kernels.pool import MaxPoolFunction
     _IMPORT_ERROR = None
@@ -58,8 +65,8 @@ class TritonBackend(TorchBackend):
     def __init__(self, deterministic: bool | None = None, fuse: bool = True):
         """``deterministic``: None follows CTSSL_DETERMINISTIC=1 / torch's deterministic flag.
 
-        ``fuse=False`` turns off the pending BatchNorm and the conv-epilogue statistics
-        (for A/B checks); results are the same up to rounding.
+        ``fuse=False`` turns off the pending BatchNorm, the conv-epilogue statistics and the
+        depthwise conv + LayerNorm kernel (for A/B checks); results are the same up to rounding.
         """
         self._deterministic = deterministic
         self.fuse = fuse
@@ -108,6 +115,14 @@ class TritonBackend(TorchBackend):
                          slot=index.slot.to(torch.int32).contiguous())
         return cache
 
+    def _neighbours(self, index: PatchIndex, radius: int) -> torch.Tensor:
+        """The flat int32 radius-``radius`` neighbour table, built once per batch."""
+        cache = self._tables(index)
+        key = f"nbr{radius}"
+        if key not in cache:
+            cache[key] = index.neighbour_table(radius).to(torch.int32).reshape(-1).contiguous()
+        return cache[key]
+
     def _check(self, x: SparseTensor, op: str) -> torch.Tensor:
         if not isinstance(x, PackedTensor):
             raise TypeError(f"backend {NAME!r}: {op} needs a packed tensor, got {type(x).__name__} "
@@ -147,8 +162,7 @@ class TritonBackend(TorchBackend):
         n, op = x.ndim, f"conv{x.ndim}d"
         out_stride = check_aligned(op, x, weight.shape[2:], stride, padding, dilation)
         if groups != 1:
-            raise NotImplementedError(f"backend {NAME!r}: {op} with groups={groups} is not implemented "
-                                      "(backend 'torch' supports it)")
+            return self._depthwise(x, weight, bias, stride, padding, dilation, groups)
         v = self._check(x, op)
         dtype = compute_dtype(v, weight, NAME, op)
         if v.dtype != dtype:
@@ -160,6 +174,39 @@ class TritonBackend(TorchBackend):
         y, stats = SparseConvFunction.apply(v, weight, bias, nbr, geom, x.index.num_patches, want_stats,
                                             self.deterministic)
         return ConvOutput(y, x.index, out_stride, self, stats)
+
+    def _depthwise(self, x, weight, bias, stride, padding, dilation, groups) -> SparseTensor:
+        """A depthwise conv (groups = channels, odd square kernel up to 7, stride 1, padding k // 2), kept
+        pending so that a LayerNorm reading it fuses with it; any other grouped conv is refused."""
+        op = f"conv{x.ndim}d"
+        k = tuple(weight.shape[2:])
+        if x.ndim != 2:
+            raise NotImplementedError(f"backend {NAME!r}: {op} with groups={groups} is not implemented (the "
+                                      "depthwise kernels are 2-D; backend 'torch' supports it)")
+        if not (groups == x.channels == weight.shape[0] and weight.shape[1] == 1 and pair(stride) == (1, 1)
+                and pair(dilation) == (1, 1) and pair(padding) == (k[0] // 2, k[1] // 2)):
+            raise NotImplementedError(
+                f"backend {NAME!r}: {op} with groups={groups} is implemented only as a depthwise conv (groups = "
+                f"channels, stride 1, padding k // 2, dilation 1); got weight {tuple(weight.shape)} on "
+                f"{x.channels} channels, stride {stride}, padding {padding}, dilation {dilation} "
+                "(backend 'torch' supports it)")
+        geom = depthwise_geometry(x.patch_side, k)
+        v = self._check(x, op)
+        dtype = compute_dtype(v, weight, NAME, op)
+        if v.dtype != dtype:
+            v = v.to(dtype)
+        nbr = self._neighbours(x.index, geom.radius)
+        out = PendingDepthwise(v, weight, bias, nbr, geom, x.index, x.stride, self)
+        return out if self.fuse else out.with_values(out.values)
+
+    # --- LayerNorm -----------------------------------------------------------
+    def layer_norm(self, x, weight, bias, eps):
+        if self.fuse and isinstance(x, PendingDepthwise) and x.unapplied:
+            y = DepthwiseConvLayerNormFunction.apply(x.rows, x.weight, x.bias, weight, bias, eps, x.nbr, x.geom,
+                                                     x.index.num_patches, self.deterministic)
+        else:
+            y = LayerNormFunction.apply(self._check(x, "layer_norm"), weight, bias, eps)
+        return PackedTensor(y, x.index, x.stride, self)
 
     # --- pooling -------------------------------------------------------------
     def _max_pool(self, x, kernel_size, stride, padding):
@@ -232,3 +279,29 @@ class ConvOutput(PackedTensor):
 
     def with_values(self, values, stride=None):
         return PackedTensor(values, self.index, self.stride if stride is None else stride, self.backend)
+
+
+class PendingDepthwise(PendingPacked):
+    """A depthwise conv's output, computed on first read unless a LayerNorm fuses with it."""
+
+    __slots__ = ("rows", "weight", "bias", "nbr", "geom")
+
+    def __init__(self, rows, weight, bias, nbr, geom, index, stride, backend):
+        self.rows, self.weight, self.bias, self.nbr, self.geom = rows, weight, bias, nbr, geom
+        super().__init__(index, stride, backend)
+
+    def _compute(self) -> torch.Tensor:
+        return DepthwiseConv2dFunction.apply(self.rows, self.weight, self.bias, self.nbr, self.geom,
+                                             self.index.num_patches, self.backend.deterministic)
+
+    @property
+    def channels(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device

@@ -27,3 +27,10 @@ class LeakyReLU(nn.LeakyReLU):
         if isinstance(x, SparseTensor):
             return x.backend.leaky_relu(x, self.negative_slope, self.inplace)
         return super().forward(x)
+
+
+class GELU(nn.GELU):
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return x.backend.gelu(x, self.approximate)
+        return super().forward(x)
