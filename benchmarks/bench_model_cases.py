@@ -10,13 +10,11 @@ import contextlib
 from typing import Any
 
 import torch
-
-from ctssl.models import create_encoder, create_resnet
-from ctssl.sparse.backends import Backend
-
 from bench_config import NOMASK, Profile, dtype_name
 from bench_workload import Workload, random_mask, random_tensor
 
+from ctssl.models import create_encoder
+from ctssl.sparse.backends import Backend
 
 FROM_PROFILE = object()
 """Default of ``encoder_workload``'s ``amp_dtype``: take the profile's (None means no autocast)."""
@@ -114,7 +112,8 @@ def spark_workload(profile: Profile, backend: Backend, mask_ratio: float) -> Wor
     method = _place(method, profile, profile.channels_last).train()
     opt = torch.optim.AdamW(method.param_groups(0.04), lr=1e-4, betas=(0.9, 0.95))
     B, S = profile.model_batch, profile.model_size
-    sets = [(_images(profile, B, S, 300 + k, profile.channels_last), random_mask(B, S, mask_ratio, profile.device, 400 + k))
+    sets = [(_images(profile, B, S, 300 + k, profile.channels_last),
+             random_mask(B, S, mask_ratio, profile.device, 400 + k))
             for k in range(profile.rotate)]
 
     def step(inp):

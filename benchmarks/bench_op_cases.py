@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_config import NOMASK, Profile, dtype_name
+from bench_workload import Workload, random_mask, random_tensor, sparse_map, visible_fraction
 
 from ctssl.sparse import PatchIndex
 from ctssl.sparse.backends import Backend
-
-from bench_config import NOMASK, Profile, dtype_name
-from bench_workload import Workload, random_mask, random_tensor, sparse_map, visible_fraction
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,28 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
-from bench_config import (CPU_NO_BACKWARD, CPU_NOT_TIMED, EMULATION, NOMASK, PROFILE, backend_names, device_name,  # noqa: E402
-                          registry_status, versions)
+from bench_config import (  # noqa: E402
+    CPU_NO_BACKWARD,
+    CPU_NOT_TIMED,
+    EMULATION,
+    NOMASK,
+    PROFILE,
+    backend_names,
+    device_name,
+    registry_status,
+    versions,
+)
 from bench_profile import kernel_profile, profile_markdown  # noqa: E402
-from bench_timing import (PEAK_RSS_METHOD, cpu_times_and_peaks, event_times_ms, peak_memory_bytes,  # noqa: E402
-                          saved_activation_bytes, summary_ms, synchronize, torch_threads)
+from bench_timing import (  # noqa: E402
+    PEAK_RSS_METHOD,
+    cpu_times_and_peaks,
+    event_times_ms,
+    peak_memory_bytes,
+    saved_activation_bytes,
+    summary_ms,
+    synchronize,
+    torch_threads,
+)
 
 FORMAT = "ctssl-encoder-timing/1"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -237,6 +253,10 @@ def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
                 r["loss_check"] = "ok" if r["loss_rel_diff_vs_emulation"] <= LOSS_TOLERANCE[precision] else "MISMATCH"
 
 
+def _gib(n_bytes: float | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2 ** 30
+
+
 def fmt(v, spec: str = ".2f", empty: str = "") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return empty
@@ -274,7 +294,8 @@ def markdown(result: dict[str, Any]) -> str:
         if "loss_rel_diff_vs_emulation" in r:
             check = f"{r['loss_rel_diff_vs_emulation']:.1e} {r['loss_check']}"
         lines.append(
-            f"| {r['case']} | {r['backend']} | {fmt(r['mask_ratio'], '.2f', '-')} | {fmt(r['visible_fraction'], '.2f')} "
+            f"| {r['case']} | {r['backend']} | {fmt(r['mask_ratio'], '.2f', '-')} "
+            f"| {fmt(r['visible_fraction'], '.2f')} "
             f"| {r['median_ms']:.2f} | {r['q3_ms'] - r['q1_ms']:.2f} | {r['wall_ms_per_step']:.2f} "
             f"| {fmt(r['images_per_s'], '.4g')} | {fmt(None if peak is None else peak / 2 ** 30, '.2f', 'n/a')} "
             f"| {times(r.get('speedup_vs_nomask'))} | {times(r.get('speedup_vs_emulation'))} "
@@ -428,7 +449,7 @@ def main(argv=None) -> int:
             else:
                 row = {**base, **time_one(build, args, profile, kernels)}
             print(f"  {kind:7s} {name:12s} mask {fmt(ratio, '.2f', '-'):>4s}: median {row['median_ms']:8.2f} ms, "
-                  f"peak {fmt(None if row['peak_mem_bytes'] is None else row['peak_mem_bytes'] / 2 ** 30, '.2f', 'n/a')}"
+                  f"peak {fmt(_gib(row['peak_mem_bytes']), '.2f', 'n/a')}"
                   f" GiB, loss {row['loss']:.5g} ({time.monotonic() - t0:.0f}s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - one failing backend must not end the whole run
             row = {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}",

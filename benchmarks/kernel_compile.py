@@ -422,7 +422,8 @@ def _line(row: dict) -> str:
         return f"FAIL {head}: {row['error']}"
     return (f"{head}: {row['registers']} regs, spill {row['spill_stores']}/{row['spill_loads']} B, "
             f"smem {row['shared_bytes']} B{'' if row['fits_shared'] else ' (OVER LIMIT)'}, "
-            f"{row['mma']}, {row['async_copies']} async copies, vector loads {row['vector_loads']}/{row['global_loads']}")
+            f"{row['mma']}, {row['async_copies']} async copies, "
+            f"vector loads {row['vector_loads']}/{row['global_loads']}")
 
 
 def markdown(rows: list[dict], command: str) -> str:

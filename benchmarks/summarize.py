@@ -97,7 +97,8 @@ def _encoder_timing_rows(data: dict[str, Any]) -> list[Row]:
             continue
         rows.append(Row(
             family="model", case=r.get("case", "encoder"), backend=r["backend"], dtype=str(r.get("dtype", "?")),
-            batch=r.get("batch"), mask_ratio=_num(r.get("mask_ratio")), visible_fraction=_num(r.get("visible_fraction")),
+            batch=r.get("batch"), mask_ratio=_num(r.get("mask_ratio")),
+            visible_fraction=_num(r.get("visible_fraction")),
             median_ms=float(r["median_ms"]), iqr_ms=float(r["q3_ms"]) - float(r["q1_ms"]) if "q3_ms" in r else None,
             rounds=len(r.get("times_ms", [])) or None, images_per_s=r.get("images_per_s"),
             peak_mem_bytes=r.get("peak_mem_bytes"), saved_activation_bytes=r.get("saved_activation_bytes"), extra=r))
@@ -133,7 +134,8 @@ def load(path: str) -> Results:
         notes = list(ct.get("profile_notes") or [])
         if ct.get("load_average_1_5_15min"):
             load = ", ".join(f"{v:.1f}" for v in ct["load_average_1_5_15min"])
-            notes.append(f"machine load average (1/5/15 min) when the run ended: {load} on {mi.get('cpu', {}).get('count', '?')} cores")
+            cores = mi.get('cpu', {}).get('count', '?')
+            notes.append(f"machine load average (1/5/15 min) when the run ended: {load} on {cores} cores")
         return Results(path, meta, _pytest_benchmark_rows(data), notes)
     if isinstance(data, dict) and data.get("format") == ENCODER_TIMING_FORMAT:
         m = data.get("machine") or {}
@@ -310,7 +312,8 @@ def plot_family(plt, rows: list[Row], family: str, dtype: str, out_dir: str, pre
 def render(results: Results, plots: list[str], out_dir: str, plot_note: str | None) -> list[str]:
     m = results.meta
     lines = [f"## {os.path.basename(results.source)}", "",
-             f"- device: {m.get('device_name') or 'unknown'}" + (f" (profile {m['profile']})" if m.get("profile") else ""),
+             f"- device: {m.get('device_name') or 'unknown'}"
+             + (f" (profile {m['profile']})" if m.get("profile") else ""),
              f"- date: {m.get('date') or 'unknown'}",
              f"- command: `{m.get('command') or 'unknown'}`",
              "- versions: " + (", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()) or "unknown"),

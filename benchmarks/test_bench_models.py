@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 import pytest
-
 from bench_config import NOMASK, PROFILE, backend_mask_params, require_backend
 from bench_model_cases import contrastive_workload, encoder_workload, spark_workload
 

@@ -7,11 +7,23 @@ dtype, mask ratio, visible fraction, memory and images/s in ``extra_info``.
 from __future__ import annotations
 
 import pytest
-
 from bench_config import PROFILE, backend_mask_params, dtype_params, require_backend
-from bench_op_cases import (CONV_SHAPES, CONVNEXT_CONV_SHAPES, CONVNEXT_STAGE_MAPS, MODES, STAGE_MAPS,
-                            batchnorm_workload, conv_workload, densify_workload, layernorm_workload, linear_workload,
-                            maxpool_workload, pack_workload, patch_index_workload, to_dense_workload)
+from bench_op_cases import (
+    CONV_SHAPES,
+    CONVNEXT_CONV_SHAPES,
+    CONVNEXT_STAGE_MAPS,
+    MODES,
+    STAGE_MAPS,
+    batchnorm_workload,
+    conv_workload,
+    densify_workload,
+    layernorm_workload,
+    linear_workload,
+    maxpool_workload,
+    pack_workload,
+    patch_index_workload,
+    to_dense_workload,
+)
 
 BACKEND_MASKS = backend_mask_params(PROFILE.mask_ratios)
 MASKED_ONLY = [p for p in BACKEND_MASKS if p.values[0] != "dense-nomask"]

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .reduce import sum_leading
 from .runtime import BACKEND, INTERPRET, STATS_BLOCK_M, TunedKernel, check_tensor, config, interp_block, num_sms

@@ -28,14 +28,24 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .index import _row_position, _source_rows
 from .reduce import column_sum, sum_leading
-from .runtime import (BACKEND, GPU_STATS_BLOCK_M, STATS_BLOCK_M, TunedKernel, check_tensor, config,
-                      dot_precision, interp_block, row_splits, size_key)
+from .runtime import (
+    BACKEND,
+    GPU_STATS_BLOCK_M,
+    STATS_BLOCK_M,
+    TunedKernel,
+    check_tensor,
+    config,
+    dot_precision,
+    interp_block,
+    row_splits,
+    size_key,
+)
 
 FWD_BLOCK_M = STATS_BLOCK_M
 """Rows per forward program: fixed (not tuned) because the fused BN statistics are per block of rows."""

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .index import _row_position
 from .layernorm import _chan_update, _normalize_rows, cast_grad, check_affine, layer_norm_backward

@@ -13,9 +13,9 @@ LayerNorm kernel (``depthwise.py``).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .reduce import sum_leading
 from .runtime import BACKEND, TunedKernel, check_tensor, config, interp_block

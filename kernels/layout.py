@@ -13,9 +13,9 @@ Every kernel takes ``NDIM`` (2 or 3) as a constexpr; a volume's depth terms comp
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .index import _row_position
 from .reduce import sum_leading

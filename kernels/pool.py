@@ -10,9 +10,9 @@ through the (N, 3, 3, 3) neighbour table.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .index import _row_position, _source_rows
 from .runtime import BACKEND, TunedKernel, check_tensor, config

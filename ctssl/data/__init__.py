@@ -94,36 +94,79 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .augment import (  # noqa: F401
-        Compose, GaussianBlur, GaussianNoise, IntensityJitter, MultiCropTransform,
-        RandomHorizontalFlip, RandomResizedCrop, RandomRotation, RandomVerticalFlip, SparkTransform,
-        TwoViewTransform, contrastive_view, gaussian_blur, gaussian_noise, intensity_jitter,
-        random_resized_crop, rotate,
+        Compose,
+        GaussianBlur,
+        GaussianNoise,
+        IntensityJitter,
+        MultiCropTransform,
+        RandomHorizontalFlip,
+        RandomResizedCrop,
+        RandomRotation,
+        RandomVerticalFlip,
+        SparkTransform,
+        TwoViewTransform,
+        contrastive_view,
+        gaussian_blur,
+        gaussian_noise,
+        intensity_jitter,
+        random_resized_crop,
+        rotate,
     )
     from .dicom import (  # noqa: F401
-        AIR_HU, CTSeries, PAPER_MIN_FILES, SkippedFile, SliceHeader, SliceReadError, group_series,
-        read_header, read_slice_hu, scan_dicom_tree,
+        AIR_HU,
+        PAPER_MIN_FILES,
+        CTSeries,
+        SkippedFile,
+        SliceHeader,
+        SliceReadError,
+        group_series,
+        read_header,
+        read_slice_hu,
+        scan_dicom_tree,
     )
     from .intensity import (  # noqa: F401
-        WINDOW_PRESETS, apply_intensity, minmax_scale, parse_intensity, resample_to_spacing,
-        resize_image, resize_shorter_and_center_crop, slice_to_tensor, to_channels, window_hu,
+        WINDOW_PRESETS,
+        apply_intensity,
+        minmax_scale,
+        parse_intensity,
+        resample_to_spacing,
+        resize_image,
+        resize_shorter_and_center_crop,
+        slice_to_tensor,
+        to_channels,
+        window_hu,
     )
     from .labeled import (  # noqa: F401
-        LabeledDataset, ORGANMNIST_CLASSES, load_csv, load_image, load_image_folder, load_labeled,
+        ORGANMNIST_CLASSES,
+        LabeledDataset,
+        load_csv,
+        load_image,
+        load_image_folder,
+        load_labeled,
         load_medmnist,
     )
     from .phantom import (  # noqa: F401
-        SyntheticCT, make_synthetic_ct, write_dicom_series,
+        SyntheticCT,
+        make_synthetic_ct,
+        write_dicom_series,
     )
     from .prepare import (  # noqa: F401
-        PrepareReport, UsageError, prepare_store,
+        PrepareReport,
+        UsageError,
+        prepare_store,
     )
     from .pretrain import (  # noqa: F401
         PretrainDataset,
     )
     from .splits import (  # noqa: F401
-        DEFAULT_FRACTIONS, nested_fractions, patient_split, read_fractions, stratified_split,
+        DEFAULT_FRACTIONS,
+        nested_fractions,
+        patient_split,
+        read_fractions,
+        stratified_split,
         write_fractions,
     )
     from .store import (  # noqa: F401
-        SliceRecord, SliceStore,
+        SliceRecord,
+        SliceStore,
     )

@@ -88,7 +88,8 @@ def rotate(x: torch.Tensor, degrees: float, fill: float | None = None) -> torch.
     theta = torch.tensor([[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=x.dtype)[None]
     grid = F.affine_grid(theta, [1, x.shape[0], h, w], align_corners=False)
     ones = torch.ones_like(x[:1])
-    sampled = F.grid_sample(torch.cat([x, ones])[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    sampled = F.grid_sample(torch.cat([x, ones])[None], grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0]
     image, valid = sampled[:-1], sampled[-1:]
     fill_value = x.amin() if fill is None else torch.tensor(fill, dtype=x.dtype)
     return image + (1.0 - valid) * fill_value

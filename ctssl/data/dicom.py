@@ -391,7 +391,8 @@ def decode_failure_reason(syntax: str, exc: BaseException) -> str:
     kind = _syntax_kind(syntax)
     if kind == "compressed":
         hint = _DECODER_HINTS.get(syntax, _GENERIC_DECODER_HINT)
-        return f"cannot decode {_transfer_syntax_name(syntax)} ({syntax}) pixel data: {message}; install a decoder: {hint}"
+        return (f"cannot decode {_transfer_syntax_name(syntax)} ({syntax}) pixel data: {message}; "
+                f"install a decoder: {hint}")
     if kind == "unknown":
         return f"unsupported transfer syntax {syntax}: {message}; {_GENERIC_DECODER_HINT}"
     return f"corrupt pixel data ({_transfer_syntax_name(syntax)}): {message}"

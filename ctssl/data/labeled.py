@@ -82,7 +82,8 @@ def load_image(path: str | os.PathLike, intensity: IntensityMode = "raw") -> np.
 
         with Image.open(path) as img:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return array_to_unit(np.asarray(img), intensity, rgb_max=65535.0 if img.mode.startswith("I;16") else None)
+                rgb_max = 65535.0 if img.mode.startswith("I;16") else None
+                return array_to_unit(np.asarray(img), intensity, rgb_max=rgb_max)
             return array_to_unit(np.asarray(img.convert("L")), intensity)
     from .dicom import SliceReadError, read_slice_hu
 
@@ -270,7 +271,8 @@ def load_csv(
 def _list_class_folder(root: Path) -> tuple[list[str], list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     return classes, [
-        str(p) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS + (".npy", ".dcm")
+        str(p) for c in classes for p in sorted((root / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_EXTENSIONS + (".npy", ".dcm")
     ]
 
 
@@ -319,7 +321,8 @@ def load_image_folder(
     if not samples:
         raise ValueError(f"no images found in class folders under {root}")
     class_of = {c: k for k, c in enumerate(classes)}
-    labels = np.array([class_of[Path(p).relative_to(root).parts[1 if split_dirs else 0]] for p in samples], dtype=np.int64)
+    class_part = 1 if split_dirs else 0
+    labels = np.array([class_of[Path(p).relative_to(root).parts[class_part]] for p in samples], dtype=np.int64)
     patients = None
     if patient_regex is not None:
         pattern = re.compile(patient_regex)

@@ -368,7 +368,10 @@ def phantom_series(seed: int, patient: int, n_slices: int, size: int = 128) -> t
     """
     p = patient_params(seed, patient)
     rng = _rng(seed, patient, 1)
-    z = p["z0"] + p["extent"] * np.linspace(0.0, 1.0, n_slices, dtype=np.float32) if n_slices > 1 else np.array([0.5], np.float32)
+    if n_slices > 1:
+        z = p["z0"] + p["extent"] * np.linspace(0.0, 1.0, n_slices, dtype=np.float32)
+    else:
+        z = np.array([0.5], np.float32)
     nodules: list[Nodule | None] = [None] * n_slices
     if rng.random() < 0.35:
         centre_z = float(rng.uniform(0.45, 0.75))
@@ -391,7 +394,11 @@ def labeled_slices(seed: int, patient: int, n_slices: int, size: int = 128) -> t
     labels = rng.permutation(labels)
     z = rng.uniform(0.42, 0.8, n_slices).astype(np.float32)
     nodules = [random_nodules(p, float(zi), size, rng) if y else None for zi, y in zip(z, labels)]
-    hu = np.concatenate([render_slices(p, z[i:i + 16], size, rng, nodules[i:i + 16]) for i in range(0, n_slices, 16)]) if n_slices else np.zeros((0, size, size), np.float32)
+    if n_slices:
+        hu = np.concatenate([render_slices(p, z[i:i + 16], size, rng, nodules[i:i + 16])
+                             for i in range(0, n_slices, 16)])
+    else:
+        hu = np.zeros((0, size, size), np.float32)
     return hu, labels
 
 
@@ -429,7 +436,7 @@ def write_ct_slice(
     ``uint16``: stored = HU + 1024 (12 bits used), 0 outside the field of view (PixelPaddingValue).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
     n_rows, n_cols = hu.shape
     outside = _outside_fov(n_rows, n_cols)

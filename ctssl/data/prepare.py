@@ -26,10 +26,29 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..atomic import OutputError, check_output_dir, describe_os_error, os_error_reason, remove_stale_temps, write_text
-from .dicom import PAPER_MIN_FILES, SAME_POSITION_MM, CTSeries, SkippedFile, SliceHeader, SliceReadError, find_files, group_series, read_header, read_slice_hu
+from .dicom import (
+    PAPER_MIN_FILES,
+    SAME_POSITION_MM,
+    CTSeries,
+    SkippedFile,
+    SliceHeader,
+    SliceReadError,
+    find_files,
+    group_series,
+    read_header,
+    read_slice_hu,
+)
 from .store import (
-    HU_DTYPE, INDEX_FILE, SKIPPED_FILE, STORE_FILE, STORE_FORMAT, STORE_VERSION, read_index,
-    series_entry_is_complete, shard_relpath, write_shard_atomic,
+    HU_DTYPE,
+    INDEX_FILE,
+    SKIPPED_FILE,
+    STORE_FILE,
+    STORE_FORMAT,
+    STORE_VERSION,
+    read_index,
+    series_entry_is_complete,
+    shard_relpath,
+    write_shard_atomic,
 )
 from .workers import WorkerPool, sigint_deferred
 
@@ -103,7 +122,8 @@ def _fit_slice(hu: np.ndarray, spacing, settings: PrepareSettings):
         scale = settings.size / min(h, w)
         hu = resize_shorter_and_center_crop(hu, settings.size)
         if spacing is not None:
-            spacing = (spacing[0] * h / max(settings.size, round(h * scale)), spacing[1] * w / max(settings.size, round(w * scale)))
+            spacing = (spacing[0] * h / max(settings.size, round(h * scale)),
+                       spacing[1] * w / max(settings.size, round(w * scale)))
     return hu, spacing
 
 
@@ -264,7 +284,8 @@ def _load_finished(out: Path) -> dict[str, dict]:
     entries = read_index(out)
     finished = {e["series"]: e for e in entries if "series" in e and series_entry_is_complete(out, e)}
     index_path = out / INDEX_FILE
-    raw_lines = [ln for ln in index_path.read_text(encoding="utf-8").splitlines() if ln.strip()] if index_path.exists() else []
+    text = index_path.read_text(encoding="utf-8") if index_path.exists() else ""
+    raw_lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(raw_lines) != len(finished):
         dropped = len(raw_lines) - len(finished)
         log.warning("%d index line(s) were incomplete or point at missing shards; those series are redone", dropped)
@@ -354,7 +375,8 @@ def prepare_store(
         jobs = [_SeriesJob(s, str(out), str(dicom), settings) for s in series_list if s.series not in finished]
         report.series_reused = sum(1 for s in series_list if s.series in finished)
         results = _converted(executor(len(jobs)), jobs)
-        with open(out / INDEX_FILE, "a", encoding="utf-8") as index, open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
+        with open(out / INDEX_FILE, "a", encoding="utf-8") as index, \
+                open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
             writer = csv.writer(skip_file)
 
             def record(result: _SeriesResult | Exception) -> None:

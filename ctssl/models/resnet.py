@@ -18,8 +18,17 @@ from torch import nn
 
 from ..sparse.backends import Backend
 from ..sparse.backends.base import RESNET_OPS
-from ..sparse.modules import (BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, DropPath, InstanceNorm3d, MaxPool2d,
-                              MaxPool3d, ReLU)
+from ..sparse.modules import (
+    BatchNorm2d,
+    BatchNorm3d,
+    Conv2d,
+    Conv3d,
+    DropPath,
+    InstanceNorm3d,
+    MaxPool2d,
+    MaxPool3d,
+    ReLU,
+)
 from .registry import create_encoder, masked_forward, register_encoder
 
 

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .backends import (Backend, BackendUnavailableError, available_backends, backend_status, get_backend,
-                       register_backend)
+from .backends import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    get_backend,
+    register_backend,
+)
 from .index import PatchIndex
 from .mask import PATCH_SIZE, check_images, check_mask, num_visible, patch_grid, random_patch_mask
 from .tensor import MaskedDenseTensor, PackedTensor, SparseTensor

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-
 # hparams every method accepts (the trainer's knobs); the values are each method's own defaults
 COMMON_HPARAMS = ("batch_size", "optimizer", "base_lr", "lr_batch_ref", "min_lr_ratio", "weight_decay",
                   "weight_decay_end", "warmup_epochs", "epochs", "momentum", "betas", "grad_clip",

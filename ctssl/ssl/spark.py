@@ -73,7 +73,7 @@ def preserved_buffers(module: nn.Module):
 
 
 class SparK(SSLMethod):
-    """SparK with a ctssl encoder (ResNet, ConvNeXt); ``backend`` picks the sparse engine (dense, torch, triton, ...)."""
+    """SparK with a ctssl encoder (ResNet, ConvNeXt); ``backend`` picks the sparse engine (dense, torch, triton...)."""
 
     name = "spark"
     default_hparams = {

@@ -41,8 +41,17 @@ from .checkpoint import CheckpointError, load_backbone_state_dict, read_file, sa
 from .config import FINETUNE_PRESETS as PRESETS
 from .config import FinetuneConfig, FinetuneError, finetune_config
 from .distributed import resolve_device, seed_everything
-from .finetune_data import (LabeledSplits, PreloadedImages, indices_hash, load_splits, positive_index,
-                            recalibration_view, select_fraction, train_view, training_augmentation)
+from .finetune_data import (
+    LabeledSplits,
+    PreloadedImages,
+    indices_hash,
+    load_splits,
+    positive_index,
+    recalibration_view,
+    select_fraction,
+    train_view,
+    training_augmentation,
+)
 from .metrics import classification_metrics
 
 METRICS_FILE = "metrics.json"

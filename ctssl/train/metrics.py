@@ -124,8 +124,8 @@ def classification_metrics(
 ) -> dict:
     """Every metric of the study from true labels and (N, K) class probabilities.
 
-    Prediction = argmax of ``probs``; ``positive`` is the positive class of a binary task. Returns the scalars in ``METRIC_NAMES`` plus ``n`` and
-    ``confusion_matrix`` (a list of rows, true class by predicted class).
+    Prediction = argmax of ``probs``; ``positive`` is the positive class of a binary task. Returns the
+    scalars in ``METRIC_NAMES`` plus ``n`` and ``confusion_matrix`` (a list of rows, true class by predicted class).
     """
     y_true = _labels(y_true)
     probs = np.asarray(probs, dtype=np.float64)

@@ -25,9 +25,23 @@ from ..atomic import OutputError, check_output_dir, copy_file, remove_stale_temp
 from . import checkpoint as ckpt_io
 from .checkpoint import FINAL, FORMAT, LAST, VERSION, CheckpointError, load_checkpoint, save_atomic
 from .config import TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
-from .distributed import (DistContext, ResumableBatchSampler, SeededItems, all_gather_object, barrier,
-                          convert_batchnorm, derive_seed, init_distributed, mean_across_ranks, rng_state,
-                          seed_everything, seeded_rng, set_rng_state, shutdown, wrap_ddp)
+from .distributed import (
+    DistContext,
+    ResumableBatchSampler,
+    SeededItems,
+    all_gather_object,
+    barrier,
+    convert_batchnorm,
+    derive_seed,
+    init_distributed,
+    mean_across_ranks,
+    rng_state,
+    seed_everything,
+    seeded_rng,
+    set_rng_state,
+    shutdown,
+    wrap_ddp,
+)
 from .logger import LOG_FILE, Progress, RunLogger, truncate_log
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import TrainingSchedule, build_schedule

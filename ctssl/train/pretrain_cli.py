@@ -18,8 +18,18 @@ import sys
 from pathlib import Path
 
 from .checkpoint import LAST, CheckpointError
-from .config import (ARCHS, DEVICES, METHODS, PRESETS, ConfigError, PretrainConfig, apply_values, parse_overrides,
-                     preset_values, read_config_file)
+from .config import (
+    ARCHS,
+    DEVICES,
+    METHODS,
+    PRESETS,
+    ConfigError,
+    PretrainConfig,
+    apply_values,
+    parse_overrides,
+    preset_values,
+    read_config_file,
+)
 
 PROG = "ctssl-train"
 
@@ -47,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "toy: ResNet-18, 64 px, 20 steps on the CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field (repeatable), e.g. --set warmup_epochs=10 --set hparams.temperature=0.2")
-    p.add_argument("--arch", choices=ARCHS, help="encoder: a ResNet or ConvNeXt (paper preset: resnet50; toy: resnet18)")
+    p.add_argument("--arch", choices=ARCHS,
+                   help="encoder: a ResNet or ConvNeXt (paper preset: resnet50; toy: resnet18)")
     p.add_argument("--in-chans", type=int, choices=(1, 3),
                    help="encoder input channels: 3 (grey CT copied to RGB, as the paper fine-tunes) or 1")
     length = p.add_mutually_exclusive_group()

@@ -185,7 +185,8 @@ def run_sweep(
         t0 = time.perf_counter()
         cell = f"{method} fraction {fraction:g} seed {seed}"
         try:  # epoch lines indented under the cell: a long cell shows its progress
-            result = ft.run_finetune(config, target, splits=splits, log=lambda msg, cell=cell: log(f"    {cell}: {msg}"))
+            result = ft.run_finetune(config, target, splits=splits,
+                                     log=lambda msg, cell=cell: log(f"    {cell}: {msg}"))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one failed cell must not lose the others; it is reported and rerun next time

@@ -7,15 +7,15 @@ import os
 import shutil
 import subprocess
 
+import encoder_timing
 import pytest
 import torch
 import torch.nn.functional as F
-
-import encoder_timing
-from bench_profile import kernel_profile
 from bench_config import CPU_NOT_TIMED, NOMASK, backend_names, registry_status
+from bench_profile import kernel_profile
 from bench_timing import saved_activation_bytes
 from bench_workload import random_mask, random_tensor, sparse_map
+
 from ctssl.sparse import PatchIndex, get_backend
 
 from .conftest import BENCHMARKS
@@ -157,6 +157,7 @@ def test_a_registered_backend_is_benchmarked_without_an_edit(monkeypatch):
     ratio and runs in them."""
     import bench_config
     from bench_config import backend_mask_params, require_backend
+
     from ctssl.sparse import backends
 
     backends.register_backend("torch-copy", "ctssl.sparse.backends.torch_packed", "TorchBackend")

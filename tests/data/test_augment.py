@@ -5,9 +5,23 @@ from __future__ import annotations
 import torch
 
 from ctssl.data.augment import (
-    Compose, GaussianBlur, GaussianNoise, IntensityJitter, MultiCropTransform, RandomHorizontalFlip,
-    RandomResizedCrop, RandomRotation, RandomVerticalFlip, SparkTransform, TwoViewTransform, crop_box,
-    gaussian_blur, gaussian_noise, intensity_jitter, random_resized_crop, rotate,
+    Compose,
+    GaussianBlur,
+    GaussianNoise,
+    IntensityJitter,
+    MultiCropTransform,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    RandomRotation,
+    RandomVerticalFlip,
+    SparkTransform,
+    TwoViewTransform,
+    crop_box,
+    gaussian_blur,
+    gaussian_noise,
+    intensity_jitter,
+    random_resized_crop,
+    rotate,
 )
 
 

@@ -11,8 +11,16 @@ import pytest
 
 from ctssl.data import dicom
 from ctssl.data.dicom import (
-    AIR_HU, SkippedFile, SliceHeader, SliceReadError, group_series, read_header, read_slice_hu,
-    scan_dicom_tree, slice_normal, sort_slices,
+    AIR_HU,
+    SkippedFile,
+    SliceHeader,
+    SliceReadError,
+    group_series,
+    read_header,
+    read_slice_hu,
+    scan_dicom_tree,
+    slice_normal,
+    sort_slices,
 )
 
 from .helpers import copy_testdata, decoder_available, hu_of, pydicom_file, read, write_with_transfer_syntax

@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from ctssl.data.intensity import (
-    WINDOW_PRESETS, apply_intensity, minmax_scale, parse_intensity, resample_to_spacing, resize_image,
-    resize_shorter_and_center_crop, slice_to_tensor, to_channels, window_hu,
+    WINDOW_PRESETS,
+    apply_intensity,
+    minmax_scale,
+    parse_intensity,
+    resample_to_spacing,
+    resize_image,
+    resize_shorter_and_center_crop,
+    slice_to_tensor,
+    to_channels,
+    window_hu,
 )
 
 

@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from ctssl.data.labeled import (
-    ORGANMNIST_CLASSES, LabeledDataset, load_csv, load_image, load_image_folder, load_labeled, load_medmnist,
+    ORGANMNIST_CLASSES,
+    LabeledDataset,
+    load_csv,
+    load_image,
+    load_image_folder,
+    load_labeled,
+    load_medmnist,
 )
 from ctssl.data.splits import nested_fractions
 

@@ -12,7 +12,13 @@ import pytest
 from ctssl.data.dicom import read_header, read_slice_hu, scan_dicom_tree
 from ctssl.data.labeled import load_csv
 from ctssl.data.phantom import (
-    labeled_slices, main, make_synthetic_ct, patient_params, phantom_series, random_nodule, render_slices,
+    labeled_slices,
+    main,
+    make_synthetic_ct,
+    patient_params,
+    phantom_series,
+    random_nodule,
+    render_slices,
     write_dicom_series,
 )
 

@@ -14,17 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 
 from ctssl.atomic import TEMP_MARK
 from ctssl.data.dicom import read_slice_hu, scan_dicom_tree
 from ctssl.data.prepare import main, prepare_store
 from ctssl.data.store import INDEX_FILE, SKIPPED_FILE, SliceStore
 
-from pydicom.uid import generate_uid
-
 from .helpers import (
-    copy_testdata, decoder_available, read, series_dirs, write_resized_slice, write_truncated,
-    write_with_transfer_syntax, write_without_pixels,
+    copy_testdata,
+    decoder_available,
+    read,
+    series_dirs,
+    write_resized_slice,
+    write_truncated,
+    write_with_transfer_syntax,
+    write_without_pixels,
 )
 
 

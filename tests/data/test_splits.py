@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from ctssl.data.splits import (
-    DEFAULT_FRACTIONS, nested_fractions, patient_split, read_fractions, stratified_split, write_fractions,
+    DEFAULT_FRACTIONS,
+    nested_fractions,
+    patient_split,
+    read_fractions,
+    stratified_split,
+    write_fractions,
 )
 
 LABELS = np.array([0] * 300 + [1] * 120 + [2] * 30 + [3] * 3)

@@ -80,8 +80,9 @@ def test_2d_only_backends_refuse_volumes_with_the_reason(module, cls):
 
 
 def test_every_backend_declares_its_grids():
-    from ctssl.sparse.backends import _REGISTRY
     import importlib
+
+    from ctssl.sparse.backends import _REGISTRY
 
     dims = {name: getattr(importlib.import_module(mod), cls).spatial_dims for name, (mod, cls) in _REGISTRY.items()}
     assert dims == {"dense": (2, 3), "torch": (2, 3), "triton": (2, 3), "cuda": (2,), "spconv": (2, 3),

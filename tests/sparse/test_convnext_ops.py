@@ -109,8 +109,9 @@ def test_backend_without_an_op_refuses_the_model_at_selection(rng):
         unsupported_ops_reason = "it was written for ResNets"
 
     images, active = _images((1, 1), 3, rng), torch.ones(2, 1, 1, dtype=torch.bool)
-    with pytest.raises(ValueError, match="backend 'resnet-only' cannot run ConvNeXt: it has no depthwise_conv, "
-                                         "gelu, layer_norm, linear, scale_channels op \\(it was written for ResNets\\)"):
+    expected = ("backend 'resnet-only' cannot run ConvNeXt: it has no depthwise_conv, "
+                "gelu, layer_norm, linear, scale_channels op \\(it was written for ResNets\\)")
+    with pytest.raises(ValueError, match=expected):
         sparse_input(images, active, ResNetOnly(), patch_size=PATCH, ops=CONVNEXT_OPS, model="ConvNeXt")
     ResNetOnly().check_ops(RESNET_OPS)
     with pytest.raises(ValueError, match="unknown sparse ops conv7"):

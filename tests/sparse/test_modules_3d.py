@@ -11,8 +11,21 @@ import torch
 from torch import nn
 
 from ctssl.sparse import PatchIndex, get_backend
-from ctssl.sparse.modules import (AvgPool2d, AvgPool3d, BatchNorm2d, BatchNorm3d, Conv2d, Conv3d, InstanceNorm3d,
-                                  LeakyReLU, MaxPool2d, MaxPool3d, ReLU, SyncBatchNorm, convert_sync_batchnorm)
+from ctssl.sparse.modules import (
+    AvgPool2d,
+    AvgPool3d,
+    BatchNorm2d,
+    BatchNorm3d,
+    Conv2d,
+    Conv3d,
+    InstanceNorm3d,
+    LeakyReLU,
+    MaxPool2d,
+    MaxPool3d,
+    ReLU,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+)
 
 from .helpers import rel_err, sparse_at
 

@@ -11,7 +11,7 @@ from ctssl.sparse.backends.torch_packed import TorchBackend
 from ctssl.sparse.batchnorm_rows import row_moments
 from ctssl.sparse.modules import ReLU
 from ctssl.sparse.norm_stats import NormStats, batch_norm_statistics, update_running
-from ctssl.sparse.pending import PendingBN, PendingBatchNorm
+from ctssl.sparse.pending import PendingBatchNorm, PendingBN
 
 from .helpers import random_batchnorm, rel_err
 

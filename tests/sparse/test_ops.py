@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ctssl.sparse import PatchIndex, get_backend
-from ctssl.sparse.modules import AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, ReLU, ReLU6, DropPath
+from ctssl.sparse.modules import AvgPool2d, BatchNorm2d, Conv2d, DropPath, MaxPool2d, ReLU, ReLU6
 
 from .helpers import edge_masks, random_batchnorm, rel_err
 

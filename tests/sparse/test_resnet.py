@@ -7,7 +7,6 @@ from ctssl.sparse import BackendUnavailableError, random_patch_mask
 
 from .helpers import assert_runs_match, edge_masks, rel_err, run_model
 
-
 CASES = [  # (arch, batch, H, W): ResNet-18 covers sizes and batches, ResNet-50 the bottleneck path
     ("resnet18", 1, 64, 64),
     ("resnet18", 4, 64, 96),

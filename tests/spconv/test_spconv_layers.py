@@ -6,6 +6,7 @@ import torch
 
 from ctssl.sparse import get_backend
 from ctssl.sparse.backends.spconv import SPCONV_CPU_NO_BACKWARD, SpconvBackend
+
 from .spconv_test_utils import masks, pair_at_stride
 
 pytestmark = pytest.mark.skipif(SpconvBackend("spconv").unavailable_reason() is not None,

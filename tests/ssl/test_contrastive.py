@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ctssl.ssl.base import pooled_features
 from ctssl.ssl.byol import regression_loss
-from ctssl.ssl.momentum import cosine_momentum, ema_update
 from ctssl.ssl.mocov2 import KeyQueue, info_nce
+from ctssl.ssl.momentum import cosine_momentum, ema_update
 from ctssl.ssl.simclr import nt_xent
 from ctssl.ssl.swav import sinkhorn, swapped_prediction_loss
 

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from ctssl.ssl import distributed as ssl_dist
 from ctssl.ssl.mocov2 import KeyQueue
 from ctssl.ssl.simclr import nt_xent
-from ctssl.ssl import distributed as ssl_dist
 from ctssl.ssl.swav import sinkhorn
 
 WORLD = 2

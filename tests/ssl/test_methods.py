@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ctssl.models import resnet18
+from ctssl.sparse.modules import SyncBatchNorm
 from ctssl.ssl import METHODS, SSLMethod, create_method, method_class
 from ctssl.ssl.base import COMMON_HPARAMS
-from ctssl.sparse.modules import SyncBatchNorm
 
 from .helpers import SIZE, images, make_batch, tiny_method
 

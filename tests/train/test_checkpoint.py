@@ -8,9 +8,16 @@ import torch
 import torchvision
 
 from ctssl.train import checkpoint as ckpt_io
-from ctssl.train.checkpoint import (FINAL, LAST, CheckpointError, export_backbone, load_backbone_state_dict,
-                                    load_checkpoint, save_atomic)
 from ctssl.train import pretrain
+from ctssl.train.checkpoint import (
+    FINAL,
+    LAST,
+    CheckpointError,
+    export_backbone,
+    load_backbone_state_dict,
+    load_checkpoint,
+    save_atomic,
+)
 from ctssl.train.pretrain import TrainingError, run_pretraining
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -12,7 +12,6 @@ from ctssl.train.finetune_cli import main as finetune_main
 
 from .bars_data import write_csv, write_npz
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

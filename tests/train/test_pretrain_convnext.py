@@ -37,7 +37,8 @@ def test_toy_spark_run_on_convnext_exports_timm_weights(pretrain_store, tmp_path
     out, export = tmp_path / "run", tmp_path / "convnext_tiny.pt"
     rc = main(["--method", "spark", "--preset", "toy", "--arch", "convnext_tiny", "--backend", "torch",
                "--data", str(pretrain_store), "--out", str(out), "--steps", "1", "--batch-size", "2",
-               "--set", "vis_every=1000", "--set", "hparams.decoder_width=64", "--no-progress", "--export", str(export)])
+               "--set", "vis_every=1000", "--set", "hparams.decoder_width=64", "--no-progress",
+               "--export", str(export)])
     assert rc == 0, capsys.readouterr().err
     saved = load_checkpoint(out / FINAL)
     assert (saved["step"], saved["arch"]) == (1, "convnext_tiny")

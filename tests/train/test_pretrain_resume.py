@@ -11,7 +11,6 @@ from ctssl.train.checkpoint import LAST, load_checkpoint
 from ctssl.train.logger import read_log
 from ctssl.train.pretrain import run_pretraining
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -15,7 +15,6 @@ from ctssl.train.sweep import main as sweep_main
 
 from .bars_data import write_npz
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -38,9 +37,9 @@ def test_sweep_writes_report_and_rerun_skips_every_cell(setup, monkeypatch, caps
     out = setup["root"] / "run"
     assert sweep_main(_argv(setup, out)) == 0
     printed = capsys.readouterr().out
-    lines = [l for l in printed.splitlines() if l.startswith("[")]
-    assert len(lines) == 8 and all("test acc" in l for l in lines)  # one progress line per trained cell
-    assert [l.split()[3] for l in lines] == ["0.25"] * 4 + ["1"] * 4  # smallest fraction first
+    lines = [line for line in printed.splitlines() if line.startswith("[")]
+    assert len(lines) == 8 and all("test acc" in line for line in lines)  # one progress line per trained cell
+    assert [line.split()[3] for line in lines] == ["0.25"] * 4 + ["1"] * 4  # smallest fraction first
 
     report = out / "report"
     for name in ("summary.csv", "summary.md", "results.csv", "relative_drop.csv", "accuracy.png", "auc.png",

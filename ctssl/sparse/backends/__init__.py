@@ -25,7 +25,8 @@ _NEEDS: dict[str, str] = {
     "triton": "a GPU and the triton package (or TRITON_INTERPRET=1 set before import for CPU tests)",
     "cuda": "a GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` with nvcc "
             "and a CUDA build of torch",
-    "spconv": "spconv 2.x: `pip install spconv-cu126` (GPU) or `pip install spconv==2.3.8 cumm==0.7.11` (CPU, forward only)",
+    "spconv": ("spconv 2.x: `pip install spconv-cu126` (GPU) or `pip install spconv==2.3.8 cumm==0.7.11` "
+               "(CPU, forward only)"),
     "minkowski": "MinkowskiEngine 0.5.4, which has no wheels: build it from source (the reason above says how)",
 }
 AUTO_ORDER_GPU = ("triton", "cuda", "torch")

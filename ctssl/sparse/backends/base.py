@@ -19,7 +19,6 @@ from ..index import PatchIndex
 from ..pending import PendingBN, fuse_activation, fuse_add
 from ..tensor import SparseTensor
 
-
 OPS: dict[str, str] = {
     "conv": "convolution with groups=1 (conv2d / conv3d), any aligned kernel, stride, padding, dilation",
     "depthwise_conv": "depthwise k x k convolution (conv2d / conv3d with groups = channels), stride 1",

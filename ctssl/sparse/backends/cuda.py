@@ -22,7 +22,7 @@ from ...cuda_ops.layout import Densify, PackPatches
 from ...cuda_ops.pool import MaskedMaxPool2d
 from ...cuda_ops.tables import PatchTables, patch_tables
 from ..index import PatchIndex
-from ..pending import PendingBN, PendingBatchNorm
+from ..pending import PendingBatchNorm, PendingBN
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
 from .base import Backend, check_aligned, pair

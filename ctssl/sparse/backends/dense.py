@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..batchnorm_rows import batch_norm_rows
-from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
+from ..instance_norm_rows import instance_norm_rows
 from ..tensor import MaskedDenseTensor, SparseTensor
 from .base import ALL_OPS, Backend, check_aligned
 

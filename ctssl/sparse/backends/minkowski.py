@@ -135,7 +135,7 @@ class MinkowskiBackend(TorchBackend):
     # --- ops ---------------------------------------------------------------
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
         out_stride = check_aligned("conv2d", x, weight.shape[-2:], stride, padding, dilation)
-        k, s, pad, d = pair(weight.shape[-2:]), pair(stride), pair(padding), pair(dilation)
+        k, s, d = pair(weight.shape[-2:]), pair(stride), pair(dilation)
         if groups != 1 or k == (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
             # pointwise: matmul on rows; grouped and even kernels: ME has no groups, centres even kernels
             # differently from torch's padding: the inherited halo path

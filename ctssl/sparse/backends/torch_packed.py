@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..batchnorm_rows import batch_norm_rows
 from ..halo import HaloConv, halo_gather
-from ..instance_norm_rows import instance_norm_rows
 from ..index import PatchIndex
+from ..instance_norm_rows import instance_norm_rows
 from ..tensor import PackedTensor, SparseTensor
 from .base import ALL_OPS, Backend, check_aligned, ntuple
 

@@ -32,7 +32,7 @@ import torch
 
 from ..index import PatchIndex
 from ..norm_stats import NormStats, batch_norm_statistics
-from ..pending import PendingBN, PendingBatchNorm, PendingPacked
+from ..pending import PendingBatchNorm, PendingBN, PendingPacked
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
 from .base import check_aligned, ntuple, pair

@@ -8,6 +8,6 @@ from .layernorm import LayerNorm, LayerNorm2d
 from .linear import Linear
 from .pooling import AvgPool2d, AvgPool3d, MaxPool2d, MaxPool3d
 
-__all__ = ["Conv2d", "Conv3d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_sync_batchnorm", "InstanceNorm3d",
-           "MaxPool2d", "MaxPool3d", "AvgPool2d", "AvgPool3d", "ReLU", "ReLU6", "LeakyReLU", "GELU", "DropPath",
-           "LayerNorm", "LayerNorm2d", "Linear"]
+__all__ = ["Conv2d", "Conv3d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_sync_batchnorm",
+           "InstanceNorm3d", "MaxPool2d", "MaxPool3d", "AvgPool2d", "AvgPool3d", "ReLU", "ReLU6", "LeakyReLU", "GELU",
+           "DropPath", "LayerNorm", "LayerNorm2d", "Linear"]
