@@ -411,6 +411,9 @@ def run_finetune(
     seed_everything(config.seed)
     model, info = build_model(config, num_classes)
     check_arch_dims(info["arch"], splits, config.data)
+    if getattr(model, "norm", None) == "instance" and config.image_size < 2 * model.patch_size:
+        raise FinetuneError(f"--image-size {config.image_size}: a {info['arch']} with InstanceNorm needs at least "
+                            f"{2 * model.patch_size} (its last stage map must hold more than one voxel)")
     mean, std = _normalization(config, info, info["in_chans"])
     adapter = _InputAdapter(info["in_chans"], mean, std).to(device)
     model.to(device)
