@@ -88,7 +88,8 @@ def make_config(preset: str = "paper", **overrides) -> FinetuneConfig:
 # ---------------------------------------------------------------- backbone
 
 def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(encoder state_dict in ctssl names, meta with arch / in_chans / encoder_kwargs / method) of a file.
+    """(encoder state_dict in ctssl names without the classifier, meta with arch / in_chans / encoder_kwargs /
+    method) of a file.
 
     Any layout ``weights.read_weights`` reads (ctssl checkpoint or export, torchvision, timm, SparK); the
     architecture comes from the checkpoint or, for a plain state_dict, from its tensors (``infer_arch``).
@@ -96,7 +97,7 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         weights = read_weights(path)
     except WeightsError as exc:
-        raise FinetuneError(f"--init {exc}") from None
+        raise FinetuneError(str(exc)) from None
     family = family_of_state_dict(weights.backbone)
     if family is None:
         raise FinetuneError(f"--init {path}: no encoder in it (none of {', '.join(STEM_KEYS.values())}, "
@@ -112,6 +113,10 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     kwargs = encoder_kwargs(sd)
     meta["in_chans"] = int(meta.get("in_chans") or kwargs["in_chans"])
     meta["encoder_kwargs"] = {k: v for k, v in kwargs.items() if k != "in_chans"}
+    if meta["arch"] in ENCODERS:  # the classifier is the file's task, not ours: left out
+        with torch.device("meta"):
+            classifier = classifier_prefix(create_encoder(meta["arch"], **kwargs))
+        sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
     return sd, meta
 
 

@@ -180,27 +180,29 @@ def spark_to_ctssl(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     return backbone, method
 
 
-def read_weights(path: str | os.PathLike) -> WeightsFile:
-    """The tensors of a weights file in ctssl's names, or WeightsError naming the file and the problem."""
+def read_weights(path: str | os.PathLike, flag: str = "--init") -> WeightsFile:
+    """The tensors of a weights file in ctssl's names, or WeightsError naming the file (after ``flag``) and
+    the problem."""
     path = os.fspath(path)
+    where = f"{flag} {path}" if flag else path
     if os.path.isdir(path):
         inside = [os.path.join(path, n) for n in ("checkpoint_final.pt", "checkpoint_last.pt")
                   if os.path.isfile(os.path.join(path, n))]
-        hint = f"did you mean {inside[0]}?" if inside else "give a checkpoint or state_dict file"
-        raise WeightsError(f"{path} is a directory; {hint}")
+        hint = f"did you mean {flag + ' ' if flag else ''}{inside[0]}?" if inside else "give a checkpoint file"
+        raise WeightsError(f"{where} is a directory; {hint}")
     if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such file (give a ctssl checkpoint, an exported, torchvision, timm or "
+        raise WeightsError(f"{where}: no such file (give a ctssl checkpoint, an exported, torchvision, timm or "
                            f"SparK state_dict)")
     try:
         obj = read_file(path)
     except CheckpointError as exc:
-        raise WeightsError(str(exc)) from None
+        raise WeightsError(f"{flag + ': ' if flag else ''}{exc}") from None
     if is_ctssl_checkpoint(obj):
         if obj.get("version") != VERSION:
-            raise WeightsError(f"{path}: ctssl checkpoint version {obj.get('version')} is not supported "
+            raise WeightsError(f"{where}: ctssl checkpoint version {obj.get('version')} is not supported "
                                f"(this ctssl reads version {VERSION})")
         if not _tensor_dict(obj.get("backbone")):
-            raise WeightsError(f"{path}: ctssl checkpoint has no usable 'backbone' state_dict")
+            raise WeightsError(f"{where}: ctssl checkpoint has no usable 'backbone' state_dict")
         model = obj.get("model") if _tensor_dict(obj.get("model")) else {}
         method = {k: v for k, v in model.items() if not k.startswith("backbone.")}
         meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch")}
@@ -210,7 +212,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     if sd is None:
         what = (f"top-level keys: {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, Mapping)
                 else type(obj).__name__)
-        raise WeightsError(f"{path} is neither a ctssl checkpoint nor a state_dict ({what})")
+        raise WeightsError(f"{where} is neither a ctssl checkpoint nor a state_dict ({what})")
     if is_spark_layout(sd):
         backbone, method = spark_to_ctssl(sd)
         meta = {"format": "spark", "method": "spark"}

@@ -24,16 +24,30 @@ def setup(tmp_path_factory):
 def test_sweep_on_volumes_with_a_3d_resnet_writes_the_report(setup, capsys):
     out = setup["root"] / "run"
     argv = ["--data", setup["npz"], "--out", str(out), "--preset", "test", "--device", "cpu", "--image-size", "16",
-            "--pretrained", f"tiny3d={setup['export']}", "--fractions", "0.5", "1.0", "--seeds", "0"]
+            "--arch", "resnet18_3d", "--fractions", "0.5", "1.0", "--seeds", "0"]
     assert sweep_main(argv) == 0, capsys.readouterr().err
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(lines) == 4 and all("test acc" in line for line in lines)  # tiny3d and random x 2 fractions
+    assert len(lines) == 2 and all("test acc" in line for line in lines)  # the random baseline x 2 fractions
     report = out / "report"
     for name in ("summary.csv", "summary.md", "results.csv", "relative_drop.csv", "accuracy.png"):
         assert (report / name).is_file(), name
     rows = list(csv.DictReader(open(report / "summary.csv")))
-    assert sorted((r["method"], float(r["fraction"])) for r in rows) == [
-        ("random", 0.5), ("random", 1.0), ("tiny3d", 0.5), ("tiny3d", 1.0)]
+    assert sorted((r["method"], float(r["fraction"])) for r in rows) == [("random", 0.5), ("random", 1.0)]
+    runs = list((out / "runs" / "random").glob("f*/seed0/metrics.json"))
+    assert len(runs) == 2 and all('"arch": "resnet18_3d"' in p.read_text() for p in runs)
+
+
+def test_sweep_reads_the_arch_of_a_3d_export_for_the_random_baseline(setup, tmp_path, monkeypatch):
+    from ctssl.train import finetune as ft
+    from ctssl.train import sweep
+
+    seen = []
+    monkeypatch.setattr(ft, "run_finetune", lambda config, *a, **k: seen.append(config) or (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(ft.make_config("test", data=setup["npz"], image_size=16, device="cpu"), tmp_path / "s",
+                        {"tiny3d": setup["export"]}, [1.0], [0], log=lambda m: None)
+    assert seen[0].init == setup["export"]
 
 
 def test_sweep_of_volumes_with_a_2d_arch_is_one_error_before_training(setup, tmp_path, capsys):
