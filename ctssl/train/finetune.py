@@ -526,6 +526,6 @@ def copy_config(config: FinetuneConfig, **changes) -> FinetuneConfig:
 
 
 __all__ = ["FinetuneConfig", "FinetuneError", "PRESETS", "make_config", "copy_config", "run_finetune", "read_backbone",
-           "build_model", "infer_arch", "check_arch_dims", "train_one_epoch", "predict", "recalibrate_bn", "load_splits",
-           "select_fraction", "positive_index", "recalibration_view", "LabeledSplits", "PreloadedImages",
+           "build_model", "infer_arch", "check_arch_dims", "train_one_epoch", "predict", "recalibrate_bn",
+           "load_splits", "select_fraction", "positive_index", "recalibration_view", "LabeledSplits", "PreloadedImages",
            "METRICS_FILE", "BEST_FILE", "LAST_FILE", "write_json_atomic"]

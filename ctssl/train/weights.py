@@ -19,6 +19,7 @@ for, never a silent random start.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -239,31 +240,39 @@ def encoder_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The registered encoder whose tensors (names and shapes, head aside) ``state_dict`` holds, or None.
 
-    Candidates are built on the meta device (no memory, no init cost), one family and dimensionality only.
+    Candidates of the file's dimensionality are built on the meta device (no memory), once per process.
     """
-    from ..models import create_encoder, encoder_names
+    from ..models import encoder_names
 
     family = family_of_state_dict(state_dict)
     if family is None:
         return None
     sd = FAMILY_CONVERTERS[family](state_dict)
-    stem = stem_weight(sd)
-    dims = stem.dim() - 2
     kwargs = encoder_kwargs(sd)
-    for name in encoder_names(spatial_dims=dims):
-        try:
-            with torch.device("meta"):
-                model = create_encoder(name, **kwargs)
-        except (TypeError, ValueError):
+    for name in encoder_names(spatial_dims=stem_weight(sd).dim() - 2):
+        signature = _signature(name, tuple(sorted(kwargs.items())))
+        if signature is None or signature[0] != family:
             continue
-        if family_of_encoder(model) != family:
-            continue
-        heads = head_prefixes(model)
-        ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(heads)}
-        theirs = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(heads)}
-        if ours == theirs:
+        heads, shapes = signature[1], signature[2]
+        if shapes == {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(heads)}:
             return name
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(name: str, kwargs: tuple) -> tuple[str, tuple, dict] | None:
+    """(family, head prefixes, {tensor name: shape} without the head) of encoder ``name``; None if it does not
+    take ``kwargs``. Built once, on the meta device."""
+    from ..models import create_encoder
+
+    try:
+        with torch.device("meta"):
+            model = create_encoder(name, **dict(kwargs))
+    except (TypeError, ValueError):
+        return None
+    heads = head_prefixes(model)
+    return (family_of_encoder(model), heads,
+            {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(heads)})
 
 
 # ---------------------------------------------------------------- loading

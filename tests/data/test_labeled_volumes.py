@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ctssl.data.labeled import load_labeled, load_medmnist
-from ctssl.data.phantom import labeled_volume, main as phantoms_main, write_labeled_volumes
+from ctssl.data.phantom import labeled_volume, write_labeled_volumes
+from ctssl.data.phantom import main as phantoms_main
 
 
 def _write_3d(path, n=(6, 2, 2), side=12, label_shape="column"):

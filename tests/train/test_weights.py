@@ -125,18 +125,22 @@ def test_timm_convnext_tiny_state_dict_loads_and_is_recognised(tmp_path):
 
 
 def test_infer_arch_covers_every_family_and_layout():
-    from ctssl.models.convnext import _OFFICIAL_TO_TIMM  # noqa: F401  (the official layout exists)
-
-    assert W.infer_arch(resnet18(in_chans=1).state_dict()) == "resnet18"
-    assert W.infer_arch(create_encoder("resnet50").state_dict()) == "resnet50"
-    assert W.infer_arch(resnet18_3d().state_dict()) == "resnet18_3d"
-    sd = resnet18_3d(norm="instance").state_dict()
+    with torch.device("meta"):  # shapes are all it reads
+        r18, r50, r18_3d = resnet18(in_chans=1), create_encoder("resnet50"), resnet18_3d()
+        r18_3d_in, cnx = resnet18_3d(norm="instance"), convnext_tiny(in_chans=1)
+    assert W.infer_arch(r18.state_dict()) == "resnet18"
+    assert W.infer_arch(r50.state_dict()) == "resnet50"
+    assert W.infer_arch(r18_3d.state_dict()) == "resnet18_3d"
+    sd = r18_3d_in.state_dict()
     assert W.infer_arch(sd) == "resnet18_3d" and W.encoder_kwargs(sd) == {"in_chans": 1, "norm": "instance"}
-    official = {k.replace("stem.", "downsample_layers.0."): v for k, v in convnext_tiny(in_chans=1).state_dict().items()
-                if k.startswith("stem.")}
+    assert W.infer_arch(cnx.state_dict()) == "convnext_tiny"
+    official = {re.sub(r"^stem\.", "downsample_layers.0.", k): v for k, v in cnx.state_dict().items()}
+    official = {re.sub(r"^stages\.(\d)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv.", k): v
+                for k, v in official.items()}
     assert W.stem_weight(official).shape[1] == 1
-    assert W.infer_arch(convnext_tiny(in_chans=1).state_dict()) == "convnext_tiny"
+    assert W.family_of_state_dict(official) == "convnext"
     assert W.infer_arch({"foo.weight": torch.zeros(1)}) is None
+    assert W.infer_arch({"conv1.weight": torch.zeros(64, 1, 7, 7)}) is None  # a stem alone is no known encoder
 
 
 def test_ctssl_train_init_starts_from_the_file(pretrain_store, tmp_path, capsys, monkeypatch):
