@@ -254,7 +254,7 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
         if signature is None or signature[0] != family:
             continue
         heads, shapes = signature[1], signature[2]
-        if shapes == {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(heads)}:
+        if shapes == _shapes(sd, heads):
             return name
     return None
 
@@ -271,8 +271,13 @@ def _signature(name: str, kwargs: tuple) -> tuple[str, tuple, dict] | None:
     except (TypeError, ValueError):
         return None
     heads = head_prefixes(model)
-    return (family_of_encoder(model), heads,
-            {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(heads)})
+    return family_of_encoder(model), heads, _shapes(model.state_dict(), heads)
+
+
+def _shapes(state_dict: Mapping[str, torch.Tensor], heads: tuple[str, ...]) -> dict[str, tuple]:
+    """{name: shape} without the head and BatchNorm's batch counters (files from before torch 0.4.1 lack them)."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()
+            if not k.startswith(heads) and not k.endswith("num_batches_tracked")}
 
 
 # ---------------------------------------------------------------- loading

@@ -84,3 +84,16 @@ def test_arch_choices_come_from_the_registry(capsys):
 
     arch = next(a for a in build_parser()._actions if a.dest == "arch")
     assert list(arch.choices) == encoder_names() and "convnext_tiny" in arch.choices and "resnet50_3d" in arch.choices
+
+
+def test_volume_augmentation_flips_and_crops_every_axis():
+    from ctssl.train.finetune_data import RandomFlip3d, RandomResizedCrop3d, training_augmentation
+
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    assert torch.equal(RandomFlip3d(1.0)(x), x.flip([-3, -2, -1])) and torch.equal(RandomFlip3d(0.0)(x), x)
+    g = torch.Generator().manual_seed(0)
+    vol = torch.rand(1, 20, 18, 16, generator=g)
+    assert RandomResizedCrop3d(8)(vol, g).shape == (1, 8, 8, 8)
+    for kind in ("flip", "crop"):
+        assert training_augmentation(kind, 8, spatial_dims=3)(vol, g).shape == (1, 8, 8, 8)
+    assert training_augmentation("none", 8, spatial_dims=3) is None

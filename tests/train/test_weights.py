@@ -77,6 +77,12 @@ def test_spark_release_layout_loads_encoder_densify_and_decoder(tmp_path):
     text = "\n".join(lines)
     assert "skipped decoder.proj.weight: shape [3, 2, 1, 1] in the file, [1, 2, 1, 1] in the model" in text
     assert "skipped imn_m: not in the model" in text
+    # fine-tuning reads the same file: the encoder, its arch and channels, without SparK's classifier
+    from ctssl.train import finetune as ft
+
+    backbone, meta = ft.read_backbone(str(tmp_path / "res18_withdecoder_1kpretrained_spark_style.pth"))
+    assert (meta["arch"], meta["in_chans"], meta["method"]) == ("resnet18", 1, "spark")
+    assert set(backbone) == {k for k in pretrained.backbone.state_dict() if not k.startswith("fc.")}
 
 
 def test_ctssl_checkpoint_into_another_method_loads_the_encoder(tmp_path):
@@ -129,7 +135,8 @@ def test_infer_arch_covers_every_family_and_layout():
         r18, r50, r18_3d = resnet18(in_chans=1), create_encoder("resnet50"), resnet18_3d()
         r18_3d_in, cnx = resnet18_3d(norm="instance"), convnext_tiny(in_chans=1)
     assert W.infer_arch(r18.state_dict()) == "resnet18"
-    assert W.infer_arch(r50.state_dict()) == "resnet50"
+    old_torchvision = {k: v for k, v in r50.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert W.infer_arch(old_torchvision) == "resnet50"
     assert W.infer_arch(r18_3d.state_dict()) == "resnet18_3d"
     sd = r18_3d_in.state_dict()
     assert W.infer_arch(sd) == "resnet18_3d" and W.encoder_kwargs(sd) == {"in_chans": 1, "norm": "instance"}
