@@ -437,7 +437,8 @@ def run_finetune(
     test_loader = _loader(splits.test, config.batch_size * 2, False, config.workers, device)
     optimizer = make_adam(model, config, device)
     recal_loader = None
-    if config.bn_recalibrate > 0 and not config.linear_probe:  # a linear probe keeps the backbone's statistics
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # ConvNeXt: none
+    if config.bn_recalibrate > 0 and not config.linear_probe and has_bn:  # a linear probe keeps the statistics
         recal_ds = recalibration_view(splits.train, indices, config.bn_recalibrate, config.seed)
         recal_loader = _loader(recal_ds, config.batch_size * 2, False, config.workers, device)
 
