@@ -566,7 +566,7 @@ def load_run_config(path: str | os.PathLike) -> PretrainConfig:
 
 
 def export_backbone(source, path: str | os.PathLike) -> Path:
-    """Write a plain torchvision ResNet state_dict (fc included); see ``checkpoint.export_backbone``."""
+    """Write the backbone as a plain state_dict (torchvision / timm keys); see ``checkpoint.export_backbone``."""
     return ckpt_io.export_backbone(source, path)
 
 

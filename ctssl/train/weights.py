@@ -206,7 +206,7 @@ def read_weights(path: str | os.PathLike, flag: str = "--init") -> WeightsFile:
             raise WeightsError(f"{where}: ctssl checkpoint has no usable 'backbone' state_dict")
         model = obj.get("model") if _tensor_dict(obj.get("model")) else {}
         method = {k: v for k, v in model.items() if not k.startswith("backbone.")}
-        meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch")}
+        meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch", "config")}
         meta["format"] = FORMAT
         return WeightsFile(path, "ctssl-checkpoint", dict(obj["backbone"]), method, meta)
     sd = _unwrap(obj)
