@@ -13,12 +13,10 @@ namespace ctssl {
 namespace cpu {
 
 void patch_tables(const at::Tensor& active, at::Tensor& slot, at::Tensor& patch_ids, at::Tensor& neighbours) {
-  const int64_t h = active.size(1), w = active.size(2), total = active.numel();
-  const int64_t N = patch_ids.size(0);
+  const int64_t total = active.numel(), N = patch_ids.size(0);
   const bool* a = active.data_ptr<bool>();
   int32_t* s = slot.data_ptr<int32_t>();
   int64_t* ids = patch_ids.data_ptr<int64_t>();
-  int32_t* nbr = neighbours.data_ptr<int32_t>();
   int64_t next = 0;
   for (int64_t f = 0; f < total; ++f) {
     if (a[f] && next < N) {
