@@ -245,6 +245,42 @@ def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_convnext_layers_on_radius3_tables_match_eager():
+    """ConvNeXt's depthwise 7x7 conv at 1-pixel patches (the radius-3 table built inside the compiled region from a
+    data-dependent patch count) and LayerNorm under torch.compile: compiled == eager, forward and backward."""
+    from ctssl.sparse.modules import Conv2d, LayerNorm2d
+
+    from .helpers import CpuTwin
+
+    backend = CpuTwin()
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([Conv2d(3, C, 32, 32), Conv2d(C, C, 7, padding=3, groups=C),
+                                  LayerNorm2d(C)]).double()
+
+    def step(images, active):
+        x = backend.sparse_input(images, PatchIndex(active))
+        for layer in layers:
+            x = layer(x)
+        return x.to_dense()
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(3)
+        images = torch.randn(2, 3, 128, 128, generator=gen, dtype=torch.float64).requires_grad_(True)
+        active = torch.rand(2, 4, 4, generator=gen) < 0.6
+        active[1] = False
+        out = fn(images, active)
+        (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
+        grads = [images.grad] + [p.grad.clone() for p in layers.parameters()]
+        layers.zero_grad()
+        return [out.detach()] + grads
+
+    torch._dynamo.reset()
+    want = run(step)
+    got = run(torch.compile(step, backend="aot_eager"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_registration_skips_without_register_fake_and_never_breaks_load(monkeypatch):
     monkeypatch.delattr(torch.library, "register_fake")
     assert runtime.register_fakes() is False  # torch < 2.4
