@@ -217,9 +217,12 @@ def test_convnext_tiny_encoder_matches_float64():
     e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
     assert e_cuda[:4].max() < 1e-3
     assert (e_cuda <= 10 * e_torch + 1e-4).all(), (e_cuda - 10 * e_torch).max()
-    out = _encoder_run(model, images, active, "cuda", weights, autocast=True)
-    for a, b in zip(out[0], truth[0]):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 5e-2
+    # bf16 autocast: finite, and as close to the truth as the torch backend's bf16 maps
+    bf16 = {be: _encoder_run(model, images, active, be, weights, autocast=True)[0] for be in ("torch", "cuda")}
+    assert all(torch.isfinite(a).all() for a in bf16["cuda"])
+    e_torch16 = torch.tensor([rel_err(a, b) for a, b in zip(bf16["torch"], truth[0])])
+    e_cuda16 = torch.tensor([rel_err(a, b) for a, b in zip(bf16["cuda"], truth[0])])
+    assert (e_cuda16 <= 2 * e_torch16 + 1e-2).all(), (e_cuda16, e_torch16)
 
 
 def test_cuda_graph_capture_of_a_training_step():
