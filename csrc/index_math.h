@@ -29,8 +29,12 @@ constexpr int32_t kOutside = -2;   // beyond the image border: reads the padding
 // floor(a / b) for b > 0 (C++ division truncates towards 0).
 CTSSL_HD int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Grid offset (-r..r) of the neighbour a local coordinate falls into, per axis.
-CTSSL_HD int64_t neighbour_offset(int64_t v, int64_t p) { return floor_div(v, p); }
+// Grid offset (-r..r) of the neighbour a local coordinate falls into, per axis: floor(v / p), with
+// the offsets -1, 0, 1 of every 3x3 window found by comparisons (no 64-bit division per tap).
+CTSSL_HD int64_t neighbour_offset(int64_t v, int64_t p) {
+  if (v >= 0) return v < p ? 0 : (v < 2 * p ? 1 : v / p);
+  return v >= -p ? -1 : floor_div(v, p);
+}
 
 // Packed row read at local coordinate (ly, lx) of patch n, or kInactive / kOutside.
 // `nbr` points at patch n's (2r+1)^2 table entries; a coordinate beyond the table reads 0.
