@@ -7,16 +7,16 @@ Every op runs through the cuda backend's Python glue (``CpuTwin``) or directly t
 import pytest
 import torch
 
-from ctssl.sparse import PatchIndex, get_backend
 from ctssl.cuda_ops.batchnorm import row_batch_norm
 from ctssl.cuda_ops.tables import neighbour_table, patch_tables
+from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.index import neighbour_radius
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, LayerNorm2d, MaxPool2d
 
-from .helpers import CpuTwin, edge_masks, needs_ext, rel_err, sparse_at
 from ..sparse.helpers import random_batchnorm
+from .helpers import CpuTwin, edge_masks, needs_ext, rel_err, sparse_at
 
 pytestmark = needs_ext
 DT = torch.float64

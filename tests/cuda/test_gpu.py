@@ -5,16 +5,16 @@ import copy
 import pytest
 import torch
 
-from ctssl.models import convnext_tiny, create_resnet
-from ctssl.sparse import PatchIndex, get_backend
 from ctssl.cuda_ops.batchnorm import row_batch_norm
 from ctssl.cuda_ops.tables import neighbour_table, patch_tables
+from ctssl.models import convnext_tiny, create_resnet
+from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
 from ctssl.sparse.modules import BatchNorm2d, Conv2d, LayerNorm2d, MaxPool2d
 
-from .helpers import edge_masks, needs_ext, needs_gpu, rel_err, sparse_at
 from ..sparse.helpers import random_batchnorm
+from .helpers import edge_masks, needs_ext, needs_gpu, rel_err, sparse_at
 
 pytestmark = [needs_ext, needs_gpu, pytest.mark.gpu]
 DTYPES = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative (norm) tolerance

@@ -26,7 +26,7 @@ from ...cuda_ops.layout import Densify, PackPatches
 from ...cuda_ops.pool import MaskedMaxPool2d
 from ...cuda_ops.tables import PatchTables, neighbour_table, patch_tables
 from ..index import PatchIndex, neighbour_radius
-from ..pending import PendingBN, PendingBatchNorm
+from ..pending import PendingBatchNorm, PendingBN
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
 from .base import CONVNEXT_OPS, Backend, check_aligned, pair
