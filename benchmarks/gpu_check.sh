@@ -16,7 +16,7 @@
 #              mask 0.6 (torch.profiler); then a SparK step per backend
 #   timing3d   the same for volumes: ResNet-18-3D fwd+bwd, batch 8, 128^3 crops, mask ratio 0.6, bf16
 #              autocast, channels-last-3d, every backend that takes volumes (the others are listed as skipped)
-#   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton) and issue 16's
+#   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton, cuda) and issue 16's
 #              target: triton at most half the plain dense (cuDNN) time (encoder_timing --target)
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
@@ -139,7 +139,7 @@ stage timing3d $TIMING3D_CAP "$PY benchmarks/encoder_timing.py $TIMING3D_ARGS --
 if [[ "$SMOKE" == 1 ]]; then
   CNX_ARGS="--device cpu --arch convnext_tiny --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --backends dense-nomask,dense,torch"
 else
-  CNX_ARGS="--device cuda --arch convnext_small --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 5 --iters 10 --rotate 2 --backends dense-nomask,dense,torch,triton"
+  CNX_ARGS="--device cuda --arch convnext_small --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 5 --iters 10 --rotate 2 --backends dense-nomask,dense,torch,triton,cuda"
 fi
 CNX_CAP=100
 stage convnext $CNX_CAP "$PY benchmarks/encoder_timing.py $CNX_ARGS --target triton:dense-nomask:2 --deadline-s $(( CNX_CAP - 30 )) --json $OUT/convnext_timing.json --markdown $OUT/convnext_timing.md"

@@ -9,10 +9,12 @@
 TORCH_LIBRARY(ctssl, m) {
   // tables from the patch mask
   m.def("patch_tables(Tensor active, SymInt num_patches) -> (Tensor slot, Tensor patch_ids, Tensor neighbours)");
+  // the neighbour table of radius r (N, 2r+1, 2r+1), for windows reaching r patches away
+  m.def("neighbour_table(Tensor slot, Tensor patch_ids, int radius) -> Tensor");
   // layout conversion
   m.def("pack_patches(Tensor images, Tensor patch_ids, int grid_h, int grid_w) -> Tensor");
   m.def("densify(Tensor rows, Tensor slot, int patch_side, Tensor? token) -> Tensor");
-  // halo gather (the masked conv's input) and its adjoint
+  // halo gather (the masked conv's input) and its adjoint, on a neighbour table of any radius
   m.def("halo_gather(Tensor rows, Tensor neighbours, int patch_side, int halo) -> Tensor");
   m.def("halo_scatter(Tensor grad_halo, Tensor neighbours, int patch_side, int halo) -> Tensor");
   // masked convolution

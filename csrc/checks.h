@@ -50,14 +50,28 @@ inline void check_rows(const at::Tensor& t, const char* op, const char* name) {
   check_contiguous(t, op, name);
 }
 
-// The (N, 3, 3) int32 neighbour table, on the rows' device.
-inline void check_neighbours(const at::Tensor& nbr, const at::Tensor& ref, const char* op, const char* ref_name) {
+// Radius r of a checked (N, 2r+1, 2r+1) neighbour table.
+inline int64_t table_radius(const at::Tensor& nbr) { return (nbr.size(1) - 1) / 2; }
+
+// The (N, 2r+1, 2r+1) int32 neighbour table, on the rows' device; `radius` >= 0 demands that
+// radius (an op whose windows read only the 3x3 neighbourhood: 1). Returns the table's radius.
+inline int64_t check_neighbours(const at::Tensor& nbr, const at::Tensor& ref, const char* op, const char* ref_name,
+                                int64_t radius = -1) {
   check_defined(nbr, op, "neighbours");
   check_device(nbr, ref, op, "neighbours", ref_name);
   check_dtype(nbr, at::kInt, op, "neighbours");
-  TORCH_CHECK(nbr.dim() == 3 && nbr.size(1) == 3 && nbr.size(2) == 3, "ctssl.", op,
-              ": argument 'neighbours' must have shape (N, 3, 3), got ", nbr.sizes());
+  if (radius >= 0) {
+    const int64_t S = 2 * radius + 1;
+    TORCH_CHECK(nbr.dim() == 3 && nbr.size(1) == S && nbr.size(2) == S, "ctssl.", op,
+                ": argument 'neighbours' must have shape (N, ", S, ", ", S, ") (the table of radius ", radius,
+                "), got ", nbr.sizes());
+  } else {
+    TORCH_CHECK(nbr.dim() == 3 && nbr.size(1) == nbr.size(2) && nbr.size(1) % 2 == 1, "ctssl.", op,
+                ": argument 'neighbours' must have shape (N, 2r+1, 2r+1) (a neighbour table of radius r), got ",
+                nbr.sizes());
+  }
   check_contiguous(nbr, op, "neighbours");
+  return table_radius(nbr);
 }
 
 // A tensor with exactly the same shape, dtype and device as `ref`, contiguous.

@@ -16,27 +16,30 @@ namespace ctssl {
 // ---- halo gather --------------------------------------------------------------------------
 
 // Packed row that halo pixel (Y, X) of patch n reads, or a negative value (reads 0: masked,
-// or outside, since the conv's zero padding and a masked patch read the same 0).
-CTSSL_HD int64_t halo_source_row(const int32_t* nbr, int64_t n, int64_t N, int64_t p, int64_t halo, int64_t Y,
-                                 int64_t X) {
-  const int64_t row = tap_row(nbr + 9 * n, n, p, Y - halo, X - halo);
+// or outside, since the conv's zero padding and a masked patch read the same 0). `nbr` is the
+// radius-r table (N, 2r+1, 2r+1); halo <= r * p.
+CTSSL_HD int64_t halo_source_row(const int32_t* nbr, int64_t n, int64_t N, int64_t p, int64_t r, int64_t halo,
+                                 int64_t Y, int64_t X) {
+  const int64_t S = 2 * r + 1;
+  const int64_t row = tap_row(nbr + S * S * n, n, p, r, Y - halo, X - halo);
   return row < N * p * p ? row : kInactive;  // a slot past the rows (bad table) reads 0
 }
 
 // Adjoint of the halo gather for element (n, y, x, c): the sum over every halo copy of that
-// pixel (its own interior plus the rings of up to 8 neighbours that read it).
+// pixel (its own interior plus the rings of the up to (2r+1)^2 - 1 neighbours that read it),
+// in a fixed order: deterministic, no atomics.
 template <typename acc_t, typename scalar_t>
-CTSSL_HD acc_t halo_adjoint(const scalar_t* grad_halo, const int32_t* nbr, int64_t N, int64_t p, int64_t halo,
-                            int64_t C, int64_t n, int64_t y, int64_t x, int64_t c) {
-  const int64_t P = halo_side(p, halo);
+CTSSL_HD acc_t halo_adjoint(const scalar_t* grad_halo, const int32_t* nbr, int64_t N, int64_t p, int64_t r,
+                            int64_t halo, int64_t C, int64_t n, int64_t y, int64_t x, int64_t c) {
+  const int64_t P = halo_side(p, halo), S = 2 * r + 1;
   acc_t acc = acc_t(0);
-  for (int dy = 0; dy < 3; ++dy) {
-    const int64_t Y = halo + coord_in_neighbour(y, dy, p);
+  for (int64_t oy = -r; oy <= r; ++oy) {
+    const int64_t Y = halo + coord_in_neighbour(y, oy, p);
     if (Y < 0 || Y >= P) continue;
-    for (int dx = 0; dx < 3; ++dx) {
-      const int64_t X = halo + coord_in_neighbour(x, dx, p);
+    for (int64_t ox = -r; ox <= r; ++ox) {
+      const int64_t X = halo + coord_in_neighbour(x, ox, p);
       if (X < 0 || X >= P) continue;
-      const int64_t m = (dy == 1 && dx == 1) ? n : static_cast<int64_t>(nbr[9 * n + dy * 3 + dx]);
+      const int64_t m = (oy == 0 && ox == 0) ? n : static_cast<int64_t>(nbr[S * S * n + (oy + r) * S + (ox + r)]);
       if (m < 0 || m >= N) continue;
       acc += static_cast<acc_t>(grad_halo[((m * P + Y) * P + X) * C + c]);
     }
@@ -56,7 +59,7 @@ CTSSL_HD acc_t max_pool_window(const scalar_t* rows, const int32_t* nbr, int64_t
   int best_tap = -1;
   for (int64_t ky = 0; ky < k; ++ky) {
     for (int64_t kx = 0; kx < k; ++kx) {
-      const int64_t row = tap_row(nbr + 9 * n, n, p, s * oy + ky - pad, s * ox + kx - pad);
+      const int64_t row = tap_row(nbr + 9 * n, n, p, 1, s * oy + ky - pad, s * ox + kx - pad);
       if (row == kOutside) continue;
       const acc_t v = (row >= 0 && row < N * p * p) ? static_cast<acc_t>(rows[row * C + c]) : acc_t(0);
       const int tap = static_cast<int>(ky * k + kx);
@@ -80,13 +83,13 @@ CTSSL_HD acc_t max_pool_input_grad(const scalar_t* grad_out, const int8_t* argma
   const int64_t q = p / s;
   const int64_t lo = -pad, hi = s * (q - 1) + k - 1 - pad;  // local coordinates any window reads
   acc_t acc = acc_t(0);
-  for (int dy = 0; dy < 3; ++dy) {
-    const int64_t Yc = coord_in_neighbour(y, dy, p);
+  for (int64_t gy = -1; gy <= 1; ++gy) {  // the radius-1 table: pooling windows reach <= p away
+    const int64_t Yc = coord_in_neighbour(y, gy, p);
     if (Yc < lo || Yc > hi) continue;
-    for (int dx = 0; dx < 3; ++dx) {
-      const int64_t Xc = coord_in_neighbour(x, dx, p);
+    for (int64_t gx = -1; gx <= 1; ++gx) {
+      const int64_t Xc = coord_in_neighbour(x, gx, p);
       if (Xc < lo || Xc > hi) continue;
-      const int64_t m = (dy == 1 && dx == 1) ? n : static_cast<int64_t>(nbr[9 * n + dy * 3 + dx]);
+      const int64_t m = (gy == 0 && gx == 0) ? n : static_cast<int64_t>(nbr[9 * n + (gy + 1) * 3 + (gx + 1)]);
       if (m < 0 || m >= N) continue;
       for (int64_t ky = 0; ky < k; ++ky) {
         const int64_t oy = window_output(Yc, ky, s, pad, q);

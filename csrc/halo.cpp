@@ -32,7 +32,7 @@ namespace ctssl {
 namespace cpu {
 
 void halo_gather(const at::Tensor& rows, const at::Tensor& nbr, int64_t p, int64_t halo, at::Tensor& out) {
-  const int64_t N = nbr.size(0), C = rows.size(1), P = halo_side(p, halo);
+  const int64_t N = nbr.size(0), C = rows.size(1), P = halo_side(p, halo), r = table_radius(nbr);
   const int64_t bytes = C * rows.element_size();
   const char* in = static_cast<const char*>(rows.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -40,7 +40,7 @@ void halo_gather(const at::Tensor& rows, const at::Tensor& nbr, int64_t p, int64
   for (int64_t n = 0; n < N; ++n)
     for (int64_t Y = 0; Y < P; ++Y)
       for (int64_t X = 0; X < P; ++X, dst += bytes) {
-        const int64_t src = halo_source_row(table, n, N, p, halo, Y, X);
+        const int64_t src = halo_source_row(table, n, N, p, r, halo, Y, X);
         if (src >= 0) {
           std::memcpy(dst, in + src * bytes, bytes);
         } else {
@@ -50,7 +50,7 @@ void halo_gather(const at::Tensor& rows, const at::Tensor& nbr, int64_t p, int64
 }
 
 void halo_scatter(const at::Tensor& grad_halo, const at::Tensor& nbr, int64_t p, int64_t halo, at::Tensor& grad_rows) {
-  const int64_t N = nbr.size(0), C = grad_rows.size(1);
+  const int64_t N = nbr.size(0), C = grad_rows.size(1), r = table_radius(nbr);
   const int32_t* table = nbr.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_halo.scalar_type(), "halo_scatter_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -61,7 +61,7 @@ void halo_scatter(const at::Tensor& grad_halo, const at::Tensor& nbr, int64_t p,
         for (int64_t x = 0; x < p; ++x)
           for (int64_t c = 0; c < C; ++c)
             out[((n * p + y) * p + x) * C + c] =
-                static_cast<scalar_t>(halo_adjoint<acc_t>(gh, table, N, p, halo, C, n, y, x, c));
+                static_cast<scalar_t>(halo_adjoint<acc_t>(gh, table, N, p, r, halo, C, n, y, x, c));
   });
 }
 
@@ -69,10 +69,11 @@ void halo_scatter(const at::Tensor& grad_halo, const at::Tensor& nbr, int64_t p,
 
 namespace {
 
-void check_halo(int64_t p, int64_t halo, const char* op) {
+void check_halo(int64_t p, int64_t halo, int64_t r, const char* op) {
   check_patch_side(p, op);
-  TORCH_CHECK(halo >= 0 && halo <= p, "ctssl.", op, ": halo (padding) must be in [0, patch_side=", p,
-              "]: the packed layout reads only the 8 neighbour patches; got ", halo);
+  TORCH_CHECK(halo >= 0 && halo <= r * p, "ctssl.", op, ": halo (padding) must be in [0, radius * patch_side = ", r,
+              " * ", p, "]: a neighbour table of radius ", r, " reads patches up to ", r,
+              " away (pass the table of radius ceil(halo / patch_side)); got ", halo);
 }
 
 // CPU only (a GPU check would sync): every table entry is a slot < N or -1/-2.
@@ -99,8 +100,8 @@ at::Tensor scatter(const at::Tensor& grad_halo, const at::Tensor& nbr, int64_t p
 at::Tensor halo_gather_entry(const at::Tensor& rows, const at::Tensor& nbr, int64_t patch_side, int64_t halo) {
   const char* op = "halo_gather";
   check_rows(rows, op, "rows");
-  check_neighbours(nbr, rows, op, "rows");
-  check_halo(patch_side, halo, op);
+  const int64_t r = check_neighbours(nbr, rows, op, "rows");
+  check_halo(patch_side, halo, r, op);
   check_rows_match_table(rows, nbr.size(0), patch_side, op, "rows");
   check_table_values(nbr, op);
   return gather(rows, nbr, patch_side, halo);
@@ -112,8 +113,8 @@ at::Tensor halo_scatter_entry(const at::Tensor& grad_halo, const at::Tensor& nbr
   check_dim(grad_halo, 4, op, "grad_halo", "(N, P, P, C)");
   check_float_storage(grad_halo, op, "grad_halo");
   check_contiguous(grad_halo, op, "grad_halo");
-  check_neighbours(nbr, grad_halo, op, "grad_halo");
-  check_halo(patch_side, halo, op);
+  const int64_t r = check_neighbours(nbr, grad_halo, op, "grad_halo");
+  check_halo(patch_side, halo, r, op);
   const int64_t P = halo_side(patch_side, halo);
   TORCH_CHECK(grad_halo.size(0) == nbr.size(0) && grad_halo.size(1) == P && grad_halo.size(2) == P,
               "ctssl.halo_scatter: argument 'grad_halo' must have shape (", nbr.size(0), ", ", P, ", ", P,
@@ -133,7 +134,7 @@ struct ConvGeometry {
 ConvGeometry check_conv(const at::Tensor& rows, const at::Tensor& nbr, const at::Tensor& weight, int64_t p, int64_t s,
                         int64_t pad, int64_t d, int64_t groups, const char* op) {
   check_rows(rows, op, "rows");
-  check_neighbours(nbr, rows, op, "rows");
+  const int64_t r = check_neighbours(nbr, rows, op, "rows");
   check_patch_side(p, op);
   check_rows_match_table(rows, nbr.size(0), p, op, "rows");
   check_defined(weight, op, "weight");
@@ -148,7 +149,7 @@ ConvGeometry check_conv(const at::Tensor& rows, const at::Tensor& nbr, const at:
               rows.size(1), " input channels");
   TORCH_CHECK(s >= 1 && d >= 1 && pad >= 0, "ctssl.", op, ": stride and dilation must be >= 1 and padding >= 0, got ",
               s, ", ", d, ", ", pad);
-  check_halo(p, pad, op);
+  check_halo(p, pad, r, op);
   const int64_t k = weight.size(2);
   const int64_t out = (p + 2 * pad - d * (k - 1) - 1) / s + 1;
   TORCH_CHECK(p % s == 0 && out == p / s, "ctssl.", op, ": kernel ", k, ", stride ", s, ", padding ", pad,

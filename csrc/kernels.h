@@ -13,12 +13,14 @@ namespace ctssl {
 #define CTSSL_DECLARE_KERNELS                                                                                  \
   /* tables: slot (B,h,w) int32, patch_ids (N,) int64, neighbours (N,3,3) int32 from active (B,h,w) bool */    \
   void patch_tables(const at::Tensor& active, at::Tensor& slot, at::Tensor& patch_ids, at::Tensor& neighbours);  \
+  /* neighbours (N, 2r+1, 2r+1) int32 of radius r from slot (B,h,w) and patch_ids (N,) */                      \
+  void neighbour_table(const at::Tensor& slot, const at::Tensor& patch_ids, int64_t r, at::Tensor& neighbours);  \
   /* layout */                                                                                                 \
   void pack_patches(const at::Tensor& images, const at::Tensor& patch_ids, int64_t h, int64_t w, int64_t p,   \
                     at::Tensor& rows);                                                                         \
   void densify(const at::Tensor& rows, const at::Tensor& slot, int64_t p, const at::Tensor& token,             \
                at::Tensor& dense);                                                                             \
-  /* halo gather and its adjoint */                                                                            \
+  /* halo gather and its adjoint (nbr of any radius) */                                                       \
   void halo_gather(const at::Tensor& rows, const at::Tensor& nbr, int64_t p, int64_t halo, at::Tensor& out);    \
   void halo_scatter(const at::Tensor& grad_halo, const at::Tensor& nbr, int64_t p, int64_t halo,               \
                     at::Tensor& grad_rows);                                                                    \

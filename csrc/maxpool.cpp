@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_entry(const at::Tensor& rows, cons
                                                     int64_t kernel_size, int64_t stride, int64_t padding) {
   const char* op = "max_pool2d";
   check_rows(rows, op, "rows");
-  check_neighbours(nbr, rows, op, "rows");
+  check_neighbours(nbr, rows, op, "rows", 1);
   const int64_t q = check_pool(nbr, patch_side, kernel_size, stride, padding, op);
   check_rows_match_table(rows, nbr.size(0), patch_side, op, "rows");
   const int64_t M = nbr.size(0) * q * q;
@@ -90,7 +90,7 @@ at::Tensor max_pool2d_backward_entry(const at::Tensor& grad_out, const at::Tenso
                                      int64_t patch_side, int64_t kernel_size, int64_t stride, int64_t padding) {
   const char* op = "max_pool2d_backward";
   check_rows(grad_out, op, "grad_out");
-  check_neighbours(nbr, grad_out, op, "grad_out");
+  check_neighbours(nbr, grad_out, op, "grad_out", 1);
   const int64_t q = check_pool(nbr, patch_side, kernel_size, stride, padding, op);
   check_defined(argmax, op, "argmax");
   check_device(argmax, grad_out, op, "argmax", "grad_out");

@@ -1,5 +1,6 @@
-// patch_tables: the slot map, the visible patch ids and the (N, 3, 3) neighbour table,
-// built from the patch mask once per batch (entry point, CPU loop, registration).
+// patch_tables: the slot map, the visible patch ids and the (N, 3, 3) neighbour table, built from
+// the patch mask once per batch; neighbour_table: the (N, 2r+1, 2r+1) table of any radius r from
+// the slot map and patch ids, once per batch and radius (entry points, CPU loops, registration).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,12 +13,10 @@ namespace ctssl {
 namespace cpu {
 
 void patch_tables(const at::Tensor& active, at::Tensor& slot, at::Tensor& patch_ids, at::Tensor& neighbours) {
-  const int64_t h = active.size(1), w = active.size(2), total = active.numel();
-  const int64_t N = patch_ids.size(0);
+  const int64_t total = active.numel(), N = patch_ids.size(0);
   const bool* a = active.data_ptr<bool>();
   int32_t* s = slot.data_ptr<int32_t>();
   int64_t* ids = patch_ids.data_ptr<int64_t>();
-  int32_t* nbr = neighbours.data_ptr<int32_t>();
   int64_t next = 0;
   for (int64_t f = 0; f < total; ++f) {
     if (a[f] && next < N) {
@@ -27,9 +26,18 @@ void patch_tables(const at::Tensor& active, at::Tensor& slot, at::Tensor& patch_
       s[f] = kInactive;
     }
   }
+  neighbour_table(slot, patch_ids, 1, neighbours);
+}
+
+void neighbour_table(const at::Tensor& slot, const at::Tensor& patch_ids, int64_t r, at::Tensor& neighbours) {
+  const int64_t h = slot.size(1), w = slot.size(2), N = patch_ids.size(0), S = 2 * r + 1;
+  const int32_t* s = slot.data_ptr<int32_t>();
+  const int64_t* ids = patch_ids.data_ptr<int64_t>();
+  int32_t* nbr = neighbours.data_ptr<int32_t>();
   for (int64_t n = 0; n < N; ++n) {
     const GridPos g = grid_pos(ids[n], h, w);
-    for (int d = 0; d < 9; ++d) nbr[n * 9 + d] = neighbour_entry(s, g.b, g.i, g.j, d / 3, d % 3, h, w);
+    for (int64_t d = 0; d < S * S; ++d)
+      nbr[n * S * S + d] = neighbour_entry(s, g.b, g.i, g.j, d / S - r, d % S - r, h, w);
   }
 }
 
@@ -58,9 +66,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_tables_entry(const at::Tens
   return {slot, ids, nbr};
 }
 
+constexpr int64_t kMaxRadius = 64;  // a 129 x 129 table per patch: far beyond any window of a real network
+
+at::Tensor neighbour_table_entry(const at::Tensor& slot, const at::Tensor& patch_ids, int64_t radius) {
+  const char* op = "neighbour_table";
+  check_defined(slot, op, "slot");
+  check_dtype(slot, at::kInt, op, "slot");
+  check_dim(slot, 3, op, "slot", "(B, h, w)");
+  check_contiguous(slot, op, "slot");
+  check_defined(patch_ids, op, "patch_ids");
+  check_device(patch_ids, slot, op, "patch_ids", "slot");
+  check_dtype(patch_ids, at::kLong, op, "patch_ids");
+  check_dim(patch_ids, 1, op, "patch_ids", "(N,)");
+  check_contiguous(patch_ids, op, "patch_ids");
+  TORCH_CHECK(radius >= 0 && radius <= kMaxRadius, "ctssl.neighbour_table: argument 'radius' must be in [0, ",
+              kMaxRadius, "], got ", radius);
+  if (!slot.is_cuda() && patch_ids.numel() > 0) {  // on the GPU this check would cost a device sync
+    const int64_t lo = patch_ids.min().item<int64_t>(), hi = patch_ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < slot.numel(), "ctssl.neighbour_table: argument 'patch_ids' must lie in [0, ",
+                slot.numel(), ") (the positions of 'slot'), got values in [", lo, ", ", hi, "]");
+  }
+  const int64_t S = 2 * radius + 1;
+  auto nbr = at::empty({patch_ids.size(0), S, S}, slot.options());
+  if (nbr.numel() > 0) CTSSL_ON_DEVICE(slot, neighbour_table, slot, patch_ids, radius, nbr);
+  return nbr;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ctssl, CPU, m) { m.impl("patch_tables", TORCH_FN(patch_tables_entry)); }
-TORCH_LIBRARY_IMPL(ctssl, CUDA, m) { m.impl("patch_tables", TORCH_FN(patch_tables_entry)); }
+TORCH_LIBRARY_IMPL(ctssl, CPU, m) {
+  m.impl("patch_tables", TORCH_FN(patch_tables_entry));
+  m.impl("neighbour_table", TORCH_FN(neighbour_table_entry));
+}
+TORCH_LIBRARY_IMPL(ctssl, CUDA, m) {
+  m.impl("patch_tables", TORCH_FN(patch_tables_entry));
+  m.impl("neighbour_table", TORCH_FN(neighbour_table_entry));
+}
 
 }  // namespace ctssl

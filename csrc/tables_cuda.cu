@@ -1,4 +1,5 @@
-// CUDA kernels of patch_tables: slots from a prefix sum of the mask, then the neighbour table.
+// CUDA kernels of patch_tables (slots from a prefix sum of the mask, then the radius-1 neighbour
+// table) and of neighbour_table (the table of any radius).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cumsum.h>
 
@@ -25,13 +26,14 @@ __global__ void slot_kernel(const bool* active, const int32_t* csum, int64_t tot
   }
 }
 
-__global__ void neighbour_kernel(const int32_t* slot, const int64_t* patch_ids, int64_t N, int64_t h, int64_t w,
-                                 int32_t* nbr) {
-  CTSSL_KERNEL_LOOP(e, N * 9) {
-    const int64_t n = e / 9;
-    const int d = static_cast<int>(e % 9);
+// Entry (n, oy + r, ox + r) of the radius-r table: one thread each.
+__global__ void neighbour_kernel(const int32_t* slot, const int64_t* patch_ids, int64_t N, int64_t r, int64_t h,
+                                 int64_t w, int32_t* nbr) {
+  const int64_t S = 2 * r + 1;
+  CTSSL_KERNEL_LOOP(e, N * S * S) {
+    const int64_t n = e / (S * S), d = e % (S * S);
     const GridPos g = grid_pos(patch_ids[n], h, w);
-    nbr[e] = neighbour_entry(slot, g.b, g.i, g.j, d / 3, d % 3, h, w);
+    nbr[e] = neighbour_entry(slot, g.b, g.i, g.j, d / S - r, d % S - r, h, w);
   }
 }
 
@@ -48,9 +50,16 @@ void patch_tables(const at::Tensor& active, at::Tensor& slot, at::Tensor& patch_
                                                            N, slot.data_ptr<int32_t>(), patch_ids.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (N == 0) return;
-  neighbour_kernel<<<blocks_for(N * 9), kThreads, 0, stream()>>>(slot.data_ptr<int32_t>(), patch_ids.data_ptr<int64_t>(),
-                                                                N, active.size(1), active.size(2),
-                                                                neighbours.data_ptr<int32_t>());
+  neighbour_table(slot, patch_ids, 1, neighbours);
+}
+
+void neighbour_table(const at::Tensor& slot, const at::Tensor& patch_ids, int64_t r, at::Tensor& neighbours) {
+  const c10::cuda::CUDAGuard guard(slot.device());
+  const int64_t N = patch_ids.size(0), S = 2 * r + 1;
+  if (N == 0) return;
+  neighbour_kernel<<<blocks_for(N * S * S), kThreads, 0, stream()>>>(slot.data_ptr<int32_t>(),
+                                                                    patch_ids.data_ptr<int64_t>(), N, r, slot.size(1),
+                                                                    slot.size(2), neighbours.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

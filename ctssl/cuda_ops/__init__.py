@@ -6,9 +6,11 @@ operator's forward and backward (both compiled, no host syncs) and its fake (met
 for FakeTensor / ``torch.compile``; ``runtime`` loads the extension once, says why when it cannot,
 and registers the fakes:
 
-- ``tables``: slot map and int32 neighbour table, built once per batch and cached on the index;
+- ``tables``: slot map and int32 neighbour tables (3x3, and radius r for wider halos), built once per batch
+  (and radius) and cached on the index;
 - ``layout``: ``pack_patches`` / ``densify`` (each other's adjoint);
-- ``conv``: halo gather + cuDNN conv (k > 1), cuBLAS GEMM on the rows (1x1);
+- ``conv``: halo gather + cuDNN conv (k > 1, incl. ConvNeXt's depthwise 7x7 on radius-r halos), cuBLAS GEMM
+  on the rows (1x1);
 - ``batchnorm``: Welford statistics, apply with fused ReLU/ReLU6 and residual, two-pass backward;
 - ``pool``: max pool (masked taps read 0, taps beyond the image skipped).
 

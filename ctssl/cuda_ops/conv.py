@@ -1,6 +1,8 @@
 """Masked conv on rows: ``ctssl.masked_conv2d`` and its backward (csrc/halo.cpp, halo_cuda.cu).
 
-A k x k conv gathers each visible patch with its halo (``ctssl.halo_gather``) and runs cuDNN on it;
+A k x k conv gathers each visible patch with its halo (``ctssl.halo_gather``, from the neighbour table of
+radius ``ceil(padding / patch_side)``: ConvNeXt's depthwise 7x7 reads up to 3 patches away) and runs cuDNN on it
+(groups = channels: cuDNN's grouped conv);
 a 1x1 conv is a GEMM on the rows. The backward recomputes the halo and folds its gradient back with
 a deterministic gather (``ctssl.halo_scatter``).
 """

@@ -19,9 +19,9 @@ import torch
 
 FAMILIES = ("tables", "layout", "conv", "batchnorm", "pool")
 """The op-family modules of this package (one per csrc/ family)."""
-REQUIRED_OPS = ("patch_tables", "pack_patches", "densify", "halo_gather", "halo_scatter", "masked_conv2d",
-                "masked_conv2d_backward", "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply",
-                "max_pool2d", "max_pool2d_backward")
+REQUIRED_OPS = ("patch_tables", "neighbour_table", "pack_patches", "densify", "halo_gather", "halo_scatter",
+                "masked_conv2d", "masked_conv2d_backward", "bn_stats", "bn_apply", "bn_backward_reduce",
+                "bn_backward_apply", "max_pool2d", "max_pool2d_backward")
 _REBUILD = ("reinstall with `CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<arch, e.g. 9.0> "
             "pip install --no-build-isolation .` in an environment that has a CUDA build of torch and nvcc")
 

@@ -1,4 +1,5 @@
-"""Per-batch tables in the operators' formats: ``ctssl.patch_tables`` (csrc/tables.cpp, tables_cuda.cu)."""
+"""Per-batch tables in the operators' formats: ``ctssl.patch_tables`` and ``ctssl.neighbour_table``
+(csrc/tables.cpp, tables_cuda.cu)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +28,26 @@ def patch_tables(index: PatchIndex) -> PatchTables:
     return cache["tables"]
 
 
+def neighbour_table(index: PatchIndex, radius: int) -> torch.Tensor:
+    """The int32 neighbour table of ``radius`` ``(N, 2r+1, 2r+1)``, what a window reaching ``radius`` patches away
+    reads (a 7x7 depthwise conv: 3 at 1-pixel patches); built with ``ctssl.neighbour_table`` once per batch and
+    radius (cached on the index). Radius 0 and 1 share ``patch_tables``' 3x3 table."""
+    if radius <= 1:
+        return patch_tables(index).neighbours
+    cache = index.backend_cache("cuda")
+    key = ("neighbours", radius)
+    if key not in cache:
+        t = patch_tables(index)
+        cache[key] = ops().neighbour_table(t.slot, t.patch_ids, radius)
+    return cache[key]
+
+
+@fake("neighbour_table")
+def _neighbour_table_fake(slot, patch_ids, radius):
+    side = 2 * radius + 1
+    return slot.new_empty((patch_ids.shape[0], side, side))
+
+
 @fake("patch_tables")
 def _patch_tables_fake(active, num_patches):
     slot = active.new_empty(active.shape, dtype=torch.int32)
@@ -35,4 +56,4 @@ def _patch_tables_fake(active, num_patches):
     return slot, patch_ids, neighbours
 
 
-__all__ = ["PatchTables", "patch_tables"]
+__all__ = ["PatchTables", "neighbour_table", "patch_tables"]

@@ -1,10 +1,10 @@
-"""Whole masked ResNet encoders on the operators' CPU loops against the dense reference."""
+"""Whole masked ResNet and ConvNeXt encoders on the operators' CPU loops against the dense reference."""
 import copy
 
 import pytest
 import torch
 
-from ctssl.models import create_resnet
+from ctssl.models import convnext_tiny, create_resnet
 
 from .helpers import CpuTwin, edge_masks, needs_ext, rel_err
 
@@ -43,6 +43,29 @@ def test_encoder_matches_dense_float64(arch, batch, H, W, train):
         assert rel_err(out[2][name], ref[2][name]) < 1e-9, name
     for name in ref[3]:
         assert rel_err(out[3][name].double(), ref[3][name].double()) < 1e-9, name
+
+
+def test_convnext_tiny_encoder_matches_dense_float64():
+    """ConvNeXt-T (depthwise 7x7 convs reaching 1, 1, 2, 3 patches at strides 4..32, LayerNorm, MLP, layer
+    scale) at 64 x 64, one image without a visible patch and one with a masked patch among visible ones: maps,
+    input and every encoder parameter's grads."""
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    model = convnext_tiny(in_chans=1, ls_init_value=0.5).double().train()
+    with torch.no_grad():  # the default init zeroes biases and shifts nothing: make every parameter matter
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    images = torch.randn(2, 1, 64, 64, generator=gen, dtype=torch.float64)
+    active = torch.tensor([[[False, False], [False, False]], [[True, True], [False, True]]])
+    ref = _run(model, images, active, "dense")
+    out = _run(model, images, active, CpuTwin(), ref[4])
+    for a, b in zip(out[0], ref[0]):
+        assert rel_err(a, b) < 1e-9
+    assert rel_err(out[1], ref[1]) < 1e-9
+    encoder_params = {n for n, _ in model.named_parameters() if not n.startswith("head.")}
+    assert encoder_params <= ref[2].keys() and ref[2].keys() == out[2].keys()
+    for name in ref[2]:
+        assert rel_err(out[2][name], ref[2][name]) < 1e-9, name
 
 
 def test_encoder_float32_is_as_accurate_as_dense_float32():

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from ctssl.cuda_ops.batchnorm import row_batch_norm
-from ctssl.cuda_ops.tables import patch_tables
+from ctssl.cuda_ops.tables import neighbour_table, patch_tables
 from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
-from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
+from ctssl.sparse.index import neighbour_radius
+from ctssl.sparse.modules import BatchNorm2d, Conv2d, LayerNorm2d, MaxPool2d
 
 from ..sparse.helpers import random_batchnorm
 from .helpers import CpuTwin, edge_masks, needs_ext, rel_err, sparse_at
@@ -66,11 +67,27 @@ def test_patch_tables_match_the_index(rng):
             assert patch_tables(index) is t  # cached once per batch
 
 
-@pytest.mark.parametrize("p,halo", [(1, 0), (1, 1), (2, 1), (2, 2), (4, 1), (8, 3), (32, 3)])
+def test_neighbour_tables_of_every_radius_match_the_index(rng):
+    for shape in ((3, 2, 3), (2, 4, 5), (1, 1, 1)):
+        for active in edge_masks(*shape, rng) + [torch.zeros(shape, dtype=torch.bool)]:
+            index = PatchIndex(active)
+            for r in (0, 1, 2, 3, 5):
+                table = neighbour_table(index, r)
+                assert table.dtype == torch.int32 and table.is_contiguous()
+                assert torch.equal(table.long(), index.neighbour_table(max(r, 1)))  # 0 and 1 share the 3x3 table
+                assert neighbour_table(index, r) is table  # built once per batch and radius
+                t = patch_tables(index)
+                direct = torch.ops.ctssl.neighbour_table(t.slot, t.patch_ids, r)
+                assert torch.equal(direct.long(), index.neighbour_table(r))
+            assert neighbour_table(index, 1) is patch_tables(index).neighbours
+
+
+@pytest.mark.parametrize("p,halo", [(1, 0), (1, 1), (2, 1), (2, 2), (4, 1), (8, 3), (32, 3),
+                                    (1, 2), (1, 3), (2, 3), (2, 4), (4, 7)])  # radius 2 and 3 tables
 def test_halo_gather_matches_torch_plan_and_scatter_is_its_adjoint(p, halo, rng):
     active = edge_masks(3, 2, 3, rng)[1]
     index = PatchIndex(active)
-    nbr = patch_tables(index).neighbours
+    nbr = neighbour_table(index, neighbour_radius(p, halo))
     rows = torch.randn(index.num_patches * p * p, 5, generator=rng, dtype=DT)
     out = torch.ops.ctssl.halo_gather(rows, nbr, p, halo)
     assert torch.equal(out, halo_gather(rows, index.halo_plan(p, halo), index.num_patches, 0.0))
@@ -80,6 +97,18 @@ def test_halo_gather_matches_torch_plan_and_scatter_is_its_adjoint(p, halo, rng)
     r = rows.clone().requires_grad_(True)
     (halo_gather(r, index.halo_plan(p, halo), index.num_patches, 0.0) * g).sum().backward()
     assert torch.allclose(back, r.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_halo_gather_reads_the_same_from_a_wider_table(rng):
+    """A radius-3 table serves a 1-pixel halo exactly like the 3x3 one (windows never read past the halo)."""
+    active = edge_masks(2, 4, 4, rng)[0]
+    index = PatchIndex(active)
+    rows = torch.randn(index.num_patches * 4, 3, generator=rng, dtype=DT)
+    small, wide = neighbour_table(index, 1), neighbour_table(index, 3)
+    out = torch.ops.ctssl.halo_gather(rows, wide, 2, 1)
+    assert torch.equal(out, torch.ops.ctssl.halo_gather(rows, small, 2, 1))
+    g = torch.randn(out.shape, generator=rng, dtype=DT)
+    assert torch.equal(torch.ops.ctssl.halo_scatter(g, wide, 2, 1), torch.ops.ctssl.halo_scatter(g, small, 2, 1))
 
 
 def test_layout_round_trip_and_gradients_match_torch_backend(rng):
@@ -118,6 +147,29 @@ def test_grouped_and_dilated_conv_matches_dense(rng):
     _compare(lambda: Conv2d(4, 6, 3, 1, 1, groups=2, bias=False), 4, 4, rng)
     _compare(lambda: Conv2d(3, 4, 3, 1, 2, dilation=2), 4, 3, rng)
     _compare(lambda: Conv2d(4, 4, 1, 1, 0, groups=4), 4, 4, rng)
+
+
+@pytest.mark.parametrize("k,stride", [(7, 4), (7, 8), (7, 16), (7, 32), (5, 32), (3, 16)])
+def test_depthwise_conv_matches_dense(k, stride, rng):
+    """ConvNeXt's depthwise conv: the halo reaches ceil((k // 2) / p) patches (3 at stride 32 for 7x7)."""
+    _compare(lambda: Conv2d(4, 4, k, 1, k // 2, groups=4, bias=True), stride, 4, rng)
+
+
+def test_depthwise_conv_reaches_three_patches_on_a_wide_grid(rng):
+    """A 7x7 depthwise conv at 1-pixel patches on a 4 x 5 grid: taps 3 patches away in every direction."""
+    _compare(lambda: Conv2d(3, 3, 7, 1, 3, groups=3, bias=False), 32, 3, rng, size=(128, 160), batch=2)
+
+
+def test_layer_norm_matches_dense(rng):
+    def ln():
+        m = LayerNorm2d(5, eps=1e-6)
+        with torch.no_grad():
+            m.weight.normal_(1.0, 0.5, generator=rng)
+            m.bias.normal_(0.0, 0.5, generator=rng)
+        return m
+
+    _compare(ln, 4, 5, rng)
+    _compare(ln, 32, 5, rng)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -8,7 +8,7 @@ from ctssl.sparse.backends.cuda import CudaBackend
 
 from .helpers import EXT_REASON, needs_ext
 
-OPS = ["patch_tables", "pack_patches", "densify", "halo_gather", "halo_scatter", "masked_conv2d",
+OPS = ["patch_tables", "neighbour_table", "pack_patches", "densify", "halo_gather", "halo_scatter", "masked_conv2d",
        "masked_conv2d_backward", "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply",
        "max_pool2d", "max_pool2d_backward"]
 assert sorted(OPS) == sorted(runtime.REQUIRED_OPS)
@@ -59,7 +59,21 @@ def _table(N):
     (lambda: torch.ops.ctssl.halo_gather(torch.zeros(3, 16).t(), _table(1), 4, 1),
      r"halo_gather: argument 'rows' must be contiguous"),
     (lambda: torch.ops.ctssl.halo_gather(torch.zeros(16, 3), _table(1), 4, 5),
-     r"halo_gather: halo \(padding\) must be in \[0, patch_side=4\]"),
+     r"halo_gather: halo \(padding\) must be in \[0, radius \* patch_side = 1 \* 4\]"),
+    (lambda: torch.ops.ctssl.halo_gather(torch.zeros(2, 3), torch.full((2, 5, 5), -2, dtype=torch.int32), 1, 3),
+     r"halo_gather: halo \(padding\) must be in \[0, radius \* patch_side = 2 \* 1\].*ceil\(halo / patch_side\)"),
+    (lambda: torch.ops.ctssl.halo_gather(torch.zeros(16, 3), torch.zeros(1, 2, 2, dtype=torch.int32), 4, 1),
+     r"halo_gather: argument 'neighbours' must have shape \(N, 2r\+1, 2r\+1\)"),
+    (lambda: torch.ops.ctssl.max_pool2d(torch.zeros(16, 3), torch.zeros(1, 5, 5, dtype=torch.int32), 4, 3, 2, 1),
+     r"max_pool2d: argument 'neighbours' must have shape \(N, 3, 3\) \(the table of radius 1\)"),
+    (lambda: torch.ops.ctssl.masked_conv2d(torch.zeros(1, 3), _table(1), torch.zeros(3, 1, 7, 7), None, 1, 1, 3, 1, 3),
+     r"masked_conv2d: halo \(padding\) must be in \[0, radius \* patch_side = 1 \* 1\]"),
+    (lambda: torch.ops.ctssl.neighbour_table(torch.zeros(1, 2, 2, dtype=torch.int32), torch.tensor([0]), -1),
+     r"neighbour_table: argument 'radius' must be in \[0, 64\], got -1"),
+    (lambda: torch.ops.ctssl.neighbour_table(torch.zeros(1, 2, 2, dtype=torch.int32), torch.tensor([4]), 2),
+     r"neighbour_table: argument 'patch_ids' must lie in \[0, 4\)"),
+    (lambda: torch.ops.ctssl.neighbour_table(torch.zeros(1, 2, 2), torch.tensor([0]), 2),
+     r"neighbour_table: argument 'slot' must have dtype Int"),
     (lambda: torch.ops.ctssl.halo_gather(torch.zeros(16, 3), _table(1) + 7, 4, 1),
      r"argument 'neighbours' must hold slots in \[0, 1\)"),
     (lambda: torch.ops.ctssl.masked_conv2d(torch.zeros(16, 3), _table(1), torch.zeros(5, 3, 3, 3).double(), None,

@@ -43,7 +43,8 @@ def d():
     gy = r(n * P * P, C)
     pooled, argmax = torch.ops.ctssl.max_pool2d(rows, t.neighbours, P, 3, 2, 1)
     empty = patch_tables(PatchIndex(torch.zeros(1, 2, 2, dtype=torch.bool)))
-    return SimpleNamespace(r=r, active=active, t=t, n=n, rows=rows, mean=mean, invstd=invstd, y=y, gy=gy,
+    nbr3 = torch.ops.ctssl.neighbour_table(t.slot, t.patch_ids, 3)  # what a 7x7 window at 1-pixel patches reads
+    return SimpleNamespace(r=r, active=active, t=t, n=n, rows=rows, mean=mean, invstd=invstd, y=y, gy=gy, nbr3=nbr3,
                            sums=torch.ops.ctssl.bn_backward_reduce(gy, y, rows, mean, invstd, 1),
                            pooled=pooled, argmax=argmax, empty_nbr=empty.neighbours)
 
@@ -59,6 +60,16 @@ def _conv(k, s, pad, groups, bias, mask=None):
     return build
 
 
+def _depthwise(p, mask=None):
+    """ConvNeXt's depthwise 7x7 conv (groups = channels) at patch side ``p`` on the radius-3 table."""
+    def build(d):
+        rows, w, b = d.r(d.n * p * p, C), d.r(C, 1, 7, 7), d.r(C)
+        if mask is None:
+            return "masked_conv2d", (rows, d.nbr3, w, b, p, 1, 3, 1, C)
+        return "masked_conv2d_backward", (d.r(d.n * p * p, C), rows, d.nbr3, w, p, 1, 3, 1, C, mask)
+    return build
+
+
 ALL, ROWS_ONLY, WEIGHT_ONLY = [True, True, True], [True, False, False], [False, True, False]
 CASES = {
     "patch_tables": lambda d: ("patch_tables", (d.active, d.n)),
@@ -68,12 +79,22 @@ CASES = {
                          d.t.patch_ids, 2, 3)),
     "densify": lambda d: ("densify", (d.rows, d.t.slot, P, None)),
     "densify_token": lambda d: ("densify", (d.rows, d.t.slot, P, d.r(C))),
+    "neighbour_table": lambda d: ("neighbour_table", (d.t.slot, d.t.patch_ids, 2)),
+    "neighbour_table_radius0": lambda d: ("neighbour_table", (d.t.slot, d.t.patch_ids, 0)),
     "halo_gather": lambda d: ("halo_gather", (d.rows, d.t.neighbours, P, 1)),
+    "halo_gather_radius3_bf16": lambda d: ("halo_gather", (d.r(d.n, C).bfloat16(), d.nbr3, 1, 3)),
+    "halo_scatter_radius3": lambda d: ("halo_scatter", (d.r(d.n, 7, 7, C), d.nbr3, 1, 3)),
     "halo_scatter": lambda d: ("halo_scatter", (d.r(d.n, P + 2, P + 2, C), d.t.neighbours, P, 1)),
     "conv3x3": _conv(3, 1, 1, 1, True),
     "conv3x3_s2_grouped": _conv(3, 2, 1, 2, False),
     "conv1x1_gemm_s2": _conv(1, 2, 0, 1, True),
     "conv2x2_no_halo": _conv(2, 2, 0, 1, True),
+    "depthwise7x7_p1": _depthwise(1),
+    "depthwise7x7_p2": _depthwise(2),
+    "depthwise7x7_p4_radius3_table": _depthwise(4),
+    "depthwise_backward7x7_p1": _depthwise(1, ALL),
+    "depthwise_backward7x7_p2_rows_only": _depthwise(2, ROWS_ONLY),
+    "depthwise_backward7x7_p1_weight_only": _depthwise(1, WEIGHT_ONLY),
     "conv_backward3x3": _conv(3, 1, 1, 1, True, ALL),
     "conv_backward3x3_rows_only": _conv(3, 1, 1, 1, True, ROWS_ONLY),
     "conv_backward3x3_s2_grouped_weight_only": _conv(3, 2, 1, 2, False, WEIGHT_ONLY),
@@ -211,6 +232,42 @@ def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
         gen = torch.Generator().manual_seed(2)
         images = torch.randn(2, 3, 64, 96, generator=gen, dtype=torch.float64).requires_grad_(True)
         active = torch.tensor([[[True, False, True], [False, True, True]], [[False] * 3, [True, False, False]]])
+        out = fn(images, active)
+        (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
+        grads = [images.grad] + [p.grad.clone() for p in layers.parameters()]
+        layers.zero_grad()
+        return [out.detach()] + grads
+
+    torch._dynamo.reset()
+    want = run(step)
+    got = run(torch.compile(step, backend="aot_eager"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_convnext_layers_on_radius3_tables_match_eager():
+    """ConvNeXt's depthwise 7x7 conv at 1-pixel patches (the radius-3 table built inside the compiled region from a
+    data-dependent patch count) and LayerNorm under torch.compile: compiled == eager, forward and backward."""
+    from ctssl.sparse.modules import Conv2d, LayerNorm2d
+
+    from .helpers import CpuTwin
+
+    backend = CpuTwin()
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([Conv2d(3, C, 32, 32), Conv2d(C, C, 7, padding=3, groups=C),
+                                  LayerNorm2d(C)]).double()
+
+    def step(images, active):
+        x = backend.sparse_input(images, PatchIndex(active))
+        for layer in layers:
+            x = layer(x)
+        return x.to_dense()
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(3)
+        images = torch.randn(2, 3, 128, 128, generator=gen, dtype=torch.float64).requires_grad_(True)
+        active = torch.rand(2, 4, 4, generator=gen) < 0.6
+        active[1] = False
         out = fn(images, active)
         (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
         grads = [images.grad] + [p.grad.clone() for p in layers.parameters()]

@@ -1,17 +1,17 @@
 """The CUDA kernels on a GPU: every op in float32/float16/bfloat16 against a float64 reference,
-the whole ResNet-50 encoder, CUDA-graph capture, and device checks. Skipped without a GPU."""
+the whole ResNet-50 and ConvNeXt-T encoders, CUDA-graph capture, and device checks. Skipped without a GPU."""
 import copy
 
 import pytest
 import torch
 
 from ctssl.cuda_ops.batchnorm import row_batch_norm
-from ctssl.cuda_ops.tables import patch_tables
-from ctssl.models import create_resnet
+from ctssl.cuda_ops.tables import neighbour_table, patch_tables
+from ctssl.models import convnext_tiny, create_resnet
 from ctssl.sparse import PatchIndex, get_backend
 from ctssl.sparse.batchnorm_rows import batch_norm_rows
 from ctssl.sparse.halo import halo_gather
-from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d
+from ctssl.sparse.modules import BatchNorm2d, Conv2d, LayerNorm2d, MaxPool2d
 
 from ..sparse.helpers import random_batchnorm
 from .helpers import edge_masks, needs_ext, needs_gpu, rel_err, sparse_at
@@ -71,6 +71,27 @@ def test_conv(k, s, p, stride, dtype):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
+def test_depthwise_conv(stride, dtype):
+    """ConvNeXt's 7x7 depthwise conv: cuDNN's grouped conv on halos of radius 1, 1, 2, 3 patches."""
+    _module_vs_dense64(lambda: Conv2d(48, 48, 7, 1, 3, groups=48), stride, 48, dtype,
+                       torch.Generator().manual_seed(stride))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_layer_norm(dtype):
+    def ln():
+        m = LayerNorm2d(48, eps=1e-6)
+        with torch.no_grad():
+            m.weight.normal_(1.0, 0.5)
+            m.bias.normal_(0.0, 0.5)
+        return m
+
+    torch.manual_seed(8)
+    _module_vs_dense64(ln, 8, 48, dtype, torch.Generator().manual_seed(8))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("train", [True, False])
 def test_batchnorm(dtype, train):
     _module_vs_dense64(lambda: random_batchnorm(48), 4, 48, dtype, torch.Generator().manual_seed(2), train=train)
@@ -123,10 +144,17 @@ def test_layout_ops_are_exact(dtype):
         assert torch.equal(cu.to_dense(), tb.to_dense())
         token = torch.randn(24, generator=gen).to(dtype).cuda()
         assert torch.equal(get_backend("cuda").densify(cu, token), get_backend("torch").densify(tb, token))
-        for p, halo in ((32, 3), (8, 1), (1, 1)):
+        for r in (2, 3):
+            assert torch.equal(neighbour_table(idx, r).long(), idx.neighbour_table(r))
+        for p, halo in ((32, 3), (8, 1), (1, 1), (2, 3), (1, 3)):
             rows = torch.randn(idx.num_patches * p * p, 24, generator=gen).to(dtype).cuda()
-            assert torch.equal(torch.ops.ctssl.halo_gather(rows, t.neighbours, p, halo),
-                               halo_gather(rows, idx.halo_plan(p, halo), idx.num_patches, 0.0))
+            nbr = neighbour_table(idx, -(-halo // p))
+            out = torch.ops.ctssl.halo_gather(rows, nbr, p, halo)
+            assert torch.equal(out, halo_gather(rows, idx.halo_plan(p, halo), idx.num_patches, 0.0))
+            # the adjoint: an exact sum of at most (2r+1)^2 copies in float64
+            g = torch.randn(out.shape, generator=gen, dtype=torch.float64).cuda()
+            back = torch.ops.ctssl.halo_scatter(g, nbr, p, halo)
+            assert torch.allclose((out.double() * g).sum(), (rows.double() * back).sum(), rtol=1e-10)
 
 
 def _encoder_run(model, images, active, backend, weights, autocast=False):
@@ -162,6 +190,39 @@ def test_resnet50_encoder_matches_float64():
     out = _encoder_run(model, images, active, "cuda", weights, autocast=True)
     for a, b in zip(out[0], truth[0]):
         assert torch.isfinite(a).all() and rel_err(a, b) < 5e-2
+
+
+def test_convnext_tiny_encoder_matches_float64():
+    """ConvNeXt-T on the cuda backend in float32 vs float64 dense truth, next to the float32 torch backend's error;
+    bf16 autocast finite and close."""
+    gen = torch.Generator().manual_seed(9)
+    torch.manual_seed(0)
+    model = convnext_tiny(ls_init_value=0.5).cuda().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).cuda() * 0.05)
+    images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
+    active = edge_masks(4, 4, 4, gen)[1].cuda()
+    model64 = copy.deepcopy(model).double()
+    shapes = [mp.shape for mp in model64.forward_masked(images.double(), active, "dense")]
+    weights = [torch.randn(s, generator=gen, dtype=torch.float64).cuda() for s in shapes]
+    truth = _encoder_run(model64, images.double(), active, "dense", weights)
+    names = [n for n in truth[2] if truth[2][n] is not None]
+
+    def errors(out):
+        errs = [rel_err(a, b) for a, b in zip(out[0], truth[0])] + [rel_err(out[1], truth[1])]
+        return torch.tensor(errs + [rel_err(out[2][n], truth[2][n]) for n in names])
+
+    e_torch = errors(_encoder_run(model, images, active, "torch", weights))
+    e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
+    assert e_cuda[:4].max() < 1e-3
+    assert (e_cuda <= 10 * e_torch + 1e-4).all(), (e_cuda - 10 * e_torch).max()
+    # bf16 autocast: finite, and as close to the truth as the torch backend's bf16 maps
+    bf16 = {be: _encoder_run(model, images, active, be, weights, autocast=True)[0] for be in ("torch", "cuda")}
+    assert all(torch.isfinite(a).all() for a in bf16["cuda"])
+    e_torch16 = torch.tensor([rel_err(a, b) for a, b in zip(bf16["torch"], truth[0])])
+    e_cuda16 = torch.tensor([rel_err(a, b) for a, b in zip(bf16["cuda"], truth[0])])
+    assert (e_cuda16 <= 2 * e_torch16 + 1e-2).all(), (e_cuda16, e_torch16)
 
 
 def test_cuda_graph_capture_of_a_training_step():

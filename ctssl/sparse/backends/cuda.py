@@ -4,12 +4,16 @@ A thin adapter, like ``triton`` over ``ctssl.kernels``: it checks devices, looks
 tables and calls the operators' autograd Functions:
 - layout: ``pack_patches`` / ``densify``;
 - conv: halo gather + cuDNN conv (k > 1), cuBLAS GEMM on the rows (1x1); non-square geometry
-  falls back to the ``torch`` backend's path;
+  falls back to the ``torch`` backend's path. The halo reads the neighbour table of radius
+  ``ceil(padding / patch_side)``, so ConvNeXt's depthwise 7x7 conv (groups = channels) is the same
+  op on the radius-2 (stride 16) or radius-3 (stride 32) table: cuDNN's grouped conv on the halo;
 - BatchNorm: statistics now (``ctssl.sparse.norm_stats``), apply pending (``ctssl.sparse.pending``),
   so ``relu(bn(x) + identity)`` in a ResNet block runs as one apply kernel, forward and backward;
-- max pool: masked taps read 0, taps beyond the image are skipped (-inf padding).
-Average pooling and per-image scaling are inherited from the ``torch`` backend. The backend runs on
-CUDA tensors only (the CPU tests run the same Functions on the operators' CPU loops).
+- max pool: masked taps read 0, taps beyond the image are skipped (-inf padding);
+- LayerNorm: ATen's ``native_layer_norm`` on the rows (fp32 statistics), see ``layer_norm``.
+Average pooling, per-image scaling and ConvNeXt's per-row ops (Linear, GELU, layer scale) are inherited
+from the ``torch`` backend: on rows each is one framework op (a cuBLAS GEMM, an elementwise kernel).
+The backend runs on CUDA tensors only (the CPU tests run the same Functions on the operators' CPU loops).
 """
 from __future__ import annotations
 
@@ -20,12 +24,12 @@ from ...cuda_ops.batchnorm import apply_row_batch_norm, batch_norm_stats
 from ...cuda_ops.conv import MaskedConv2d
 from ...cuda_ops.layout import Densify, PackPatches
 from ...cuda_ops.pool import MaskedMaxPool2d
-from ...cuda_ops.tables import PatchTables, patch_tables
-from ..index import PatchIndex
+from ...cuda_ops.tables import PatchTables, neighbour_table, patch_tables
+from ..index import PatchIndex, neighbour_radius
 from ..pending import PendingBatchNorm, PendingBN
 from ..precision import compute_dtype
 from ..tensor import PackedTensor, SparseTensor
-from .base import Backend, check_aligned, pair
+from .base import CONVNEXT_OPS, Backend, check_aligned, pair
 from .torch_packed import TorchBackend
 
 
@@ -38,8 +42,7 @@ class CudaBackend(TorchBackend):
     self_check_before_auto = True
     needs = ("a CUDA GPU and ctssl's CUDA extension, built by `pip install --no-build-isolation .` "
              "with nvcc and a CUDA build of torch")
-    supported_ops = Backend.supported_ops | {"instance_norm"}  # the torch backend's, on rows
-    unsupported_ops_reason = "the cuda backend's ConvNeXt ops (depthwise conv, LayerNorm) are not implemented yet"
+    supported_ops = Backend.supported_ops | {"instance_norm"} | CONVNEXT_OPS  # instance_norm: the torch backend's
 
     def unavailable_reason(self) -> str | None:
         reason = runtime.missing_reason()
@@ -85,12 +88,13 @@ class CudaBackend(TorchBackend):
         (s, _), (ph, pw), (d, dw) = pair(stride), pair(padding), pair(dilation)
         if ph != pw or d != dw or weight.shape[-1] != weight.shape[-2]:
             return super().conv2d(x, weight, bias, stride, padding, dilation, groups)  # non-square: torch path
-        t = self._tables(x)
+        self.check_device(x.values.device)
+        nbr = neighbour_table(x.index, neighbour_radius(x.patch_side, ph))
         dtype = compute_dtype(x.values, weight, self.name)
         rows = x.values.to(dtype).contiguous()
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        y = MaskedConv2d.apply(rows, w, b, t.neighbours, x.patch_side, s, ph, d, groups)
+        y = MaskedConv2d.apply(rows, w, b, nbr, x.patch_side, s, ph, d, groups)
         return PackedTensor(y, x.index, out_stride, self)
 
     def batch_norm(self, x, weight, bias, running_mean, running_var, training, momentum, eps, process_group=None):
@@ -105,6 +109,12 @@ class CudaBackend(TorchBackend):
 
     def apply_pending(self, p: PendingBN, activation: str | None) -> torch.Tensor:
         return apply_row_batch_norm(p.x1, p.weight1, p.bias1, p.stats1, activation, p.res)
+
+    def layer_norm(self, x, weight, bias, eps):
+        """ConvNeXt's LayerNorm2d is a LayerNorm over the channels of each row: ATen's ``native_layer_norm`` on
+        the contiguous rows (fp32 statistics for fp16/bf16 storage; its own backward, fakes and autocast rule)."""
+        self.check_device(x.values.device)
+        return x.with_values(torch.nn.functional.layer_norm(x.values.contiguous(), (x.channels,), weight, bias, eps))
 
     def max_pool2d(self, x, kernel_size, stride, padding):
         out_stride = check_aligned("max_pool2d", x, kernel_size, stride, padding)
