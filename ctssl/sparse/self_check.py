@@ -2,9 +2,10 @@
 
 The custom backends (``triton``, ``cuda``) will meet cards and driver stacks nobody here has
 tested. Before ``auto`` selects one on a device for the first time, ``trusted`` runs a small check
-there: a masked conv, BatchNorm, ReLU, max pool and a second conv + BatchNorm, forward and backward
-(output, image gradient, every parameter gradient, running statistics), in float32 against the
-``dense`` reference in float64 on the same device. The verdict is kept in memory and on disk
+there: a masked conv, BatchNorm, ReLU, max pool and a second conv + BatchNorm, and for a backend that
+runs ConvNeXt also a depthwise 7x7 conv reaching two patches away, LayerNorm and GELU, forward and
+backward (output, image gradient, every parameter gradient, running statistics), in float32 against
+the ``dense`` reference in float64 on the same device. The verdict is kept in memory and on disk
 (``$XDG_CACHE_HOME/ctssl/self-check/``, default ``~/.cache/ctssl``), keyed by backend, device name,
 ctssl, torch, CUDA and triton versions and a fingerprint of ctssl's files (a changed kernel is
 checked again). A backend that fails is skipped by ``auto`` with one warning naming the failure.
@@ -70,17 +71,22 @@ def run_self_check(backend, device: torch.device | str = "cpu", forward_only: bo
                    forward_only)
 
 
-def _network():
-    from .modules import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+def _network(convnext: bool):
+    """ResNet's ops; with ``convnext`` also ConvNeXt's block (depthwise 7x7, LayerNorm, GELU)."""
+    from .modules import GELU, BatchNorm2d, Conv2d, LayerNorm2d, MaxPool2d, ReLU
 
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)
-        net = torch.nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False), BatchNorm2d(8), ReLU(),
-                                  MaxPool2d(3, 2, 1), Conv2d(8, 8, 3, padding=1, bias=False), BatchNorm2d(8))
+        layers = [Conv2d(3, 8, 3, padding=1, bias=False), BatchNorm2d(8), ReLU(),
+                  MaxPool2d(3, 2, 1), Conv2d(8, 8, 3, padding=1, bias=False), BatchNorm2d(8)]
+        if convnext:
+            layers += [Conv2d(8, 8, 7, padding=3, groups=8), LayerNorm2d(8), GELU()]
+        net = torch.nn.Sequential(*layers)
         with torch.no_grad():
-            for bn in (net[1], net[5]):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+            for m in net:
+                if isinstance(m, (BatchNorm2d, LayerNorm2d)):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
     return net
 
 
@@ -90,7 +96,7 @@ def _run(net, images, active, weights, backend, dtype, forward_only):
     m = copy.deepcopy(net).to(images.device, dtype).train()
     x = images.detach().to(dtype, copy=True).requires_grad_(not forward_only)
     with torch.set_grad_enabled(not forward_only):
-        out = m(sparse_input(x, active, backend)).to_dense()
+        out = m(sparse_input(x, active, backend, patch_size=x.shape[-1] // active.shape[-1])).to_dense()
         result = {"output": out.detach()}
         if not forward_only:
             (out * weights.to(dtype)).sum().backward()
@@ -102,11 +108,19 @@ def _run(net, images, active, weights, backend, dtype, forward_only):
 
 def _errors(backend, device: torch.device, forward_only: bool) -> dict[str, float]:
     """Relative error of every compared tensor: ``backend`` in float32 against ``dense`` in float64."""
+    from .backends.base import CONVNEXT_OPS
+
+    convnext = CONVNEXT_OPS <= backend.supported_ops
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64).to(device)
-    active = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]], device=device)
+    if convnext:  # 4-pixel patches: 2 pixels after the pool, so the 7x7 window reaches 2 patches away
+        active = torch.rand(2, 16, 16, generator=gen) < 0.4
+        active[1] = False  # an image with nothing visible
+    else:
+        active = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]])
+    active = active.to(device)
     weights = torch.randn(2, 8, 32, 32, generator=gen, dtype=torch.float64).to(device)
-    net = _network()
+    net = _network(convnext)
     with torch.autocast(device.type, enabled=False):
         want = _run(net, images, active, weights, "dense", torch.float64, forward_only)
         got = _run(net, images, active, weights, backend, torch.float32, forward_only)

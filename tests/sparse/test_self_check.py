@@ -20,6 +20,20 @@ class BrokenBackend(TorchBackend):
         return y.with_values(y.values * 1.5)
 
 
+class BrokenDepthwiseBackend(TorchBackend):
+    """ResNet's ops right, ConvNeXt's depthwise conv wrong where the window reaches 2 patches away."""
+
+    name = "broken-depthwise"
+
+    def conv2d(self, x, weight, bias, stride, padding, dilation, groups):
+        if groups == 1:
+            return super().conv2d(x, weight, bias, stride, padding, dilation, groups)
+        # the bug: a halo one patch deep, as if radius 1 always sufficed
+        side = x.patch_side
+        clipped = weight[..., 3 - side:4 + side, 3 - side:4 + side] if side < 3 else weight
+        return super().conv2d(x, clipped, bias, stride, min(side, 3), dilation, groups)
+
+
 class GoodBackend(TorchBackend):
     """Custom kernels that compute correctly (the torch backend's, checked like a custom one)."""
 
@@ -52,6 +66,15 @@ def test_self_check_passes_for_triton_under_the_interpreter():
         pytest.skip(f"triton backend unavailable: {reason}")
     verdict = self_check.run_self_check(get_backend("triton"), "cpu")
     assert verdict.ok, verdict.error
+
+
+def test_self_check_covers_convnext_ops_where_a_backend_has_them():
+    broken = BrokenDepthwiseBackend()
+    verdict = self_check.run_self_check(broken, "cpu")
+    assert not verdict.ok and "differs from dense" in verdict.error
+    resnet_only = type("ResNetOnlyBroken", (BrokenDepthwiseBackend,),
+                       {"name": "resnet-only", "supported_ops": TorchBackend.supported_ops - {"depthwise_conv"}})()
+    assert self_check.run_self_check(resnet_only, "cpu").ok  # no ConvNeXt ops: the ResNet part alone
 
 
 def test_self_check_fails_a_wrong_backend_and_names_what_differs():
