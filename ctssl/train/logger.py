@@ -75,7 +75,16 @@ class RunLogger:
             return
         self._file = open(self.path, "a", encoding="utf-8")
         if wandb is not None:
-            self._wandb = wandb.start(Path(out_dir))
+            try:
+                self._wandb = wandb.start(Path(out_dir))
+            except ImportError:
+                raise
+            except Exception as exc:  # e.g. online mode without a login or network
+                from .config import ConfigError
+
+                self.close()
+                raise ConfigError(f"--wandb: wandb.init failed ({type(exc).__name__}: {exc}); "
+                                  f"--wandb-mode offline needs no network") from None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

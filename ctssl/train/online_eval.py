@@ -108,8 +108,10 @@ class OnlineEvaluator:
         out = []
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
+        param = next(encoder.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         for start in range(0, images.shape[0], self.batch_size):
-            x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            x = images[start:start + self.batch_size].to(self.device, dtype=dtype, non_blocking=True)
             with autocast:
                 last = encoder.forward_features(x)[-1]
             out.append(last.float().flatten(2).mean(-1))
