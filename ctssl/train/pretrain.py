@@ -214,6 +214,7 @@ class _Run:
             check_output_dir(self.out, "--out")
         except OutputError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_wandb()
         self.resumed = load_checkpoint(resume_path) if resume_path is not None else None
         self.last_good: tuple[Path, int] | None = None  # a checkpoint known to hold finite state, and its step
         if self.resumed is not None:
@@ -241,17 +242,20 @@ class _Run:
                                            intensity=cfg.intensity, transform=transform)
         except ValueError as exc:
             raise ConfigError(f"data: {exc}") from None
-        self._check_tracking()
+        self._build_evaluator()
 
-    def _check_tracking(self) -> None:
-        """``--wandb`` without wandb, and a missing or unreadable ``--eval-data``: ConfigError now, not after
-        hours of training. The labeled set is decoded on rank 0 only; its verdict is shared with every rank."""
-        cfg, ctx = self.cfg, self.ctx
-        if cfg.wandb:
+    def _check_wandb(self) -> None:
+        """``--wandb`` without the wandb package: ConfigError naming the extra to install."""
+        if self.cfg.wandb:
             try:
                 WandbSettings.check()
             except ImportError as exc:
                 raise ConfigError(str(exc)) from None
+
+    def _build_evaluator(self) -> None:
+        """The ``--eval-data`` set loaded now: missing or unreadable, it is a ConfigError at the start, not after
+        hours of training. Decoded on rank 0 only; its verdict is shared with every rank."""
+        cfg, ctx = self.cfg, self.ctx
         self.evaluator = None
         if not cfg.eval_data:
             return
