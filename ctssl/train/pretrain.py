@@ -468,7 +468,8 @@ class _Run:
             if self.ctx.is_main:
                 result = self.evaluator.evaluate(method.backbone)
                 self.last_knn = result["knn_acc"]
-                logger.log_eval(step, {**result, "eval_train_images": len(self.evaluator.train.labels),
+                logger.log_eval(step, {**result, "knn_k": self.evaluator.k,
+                                       "eval_train_images": len(self.evaluator.train.labels),
                                        "eval_val_images": len(self.evaluator.val.labels)})
                 plot_eval_curve(self.out / LOG_FILE, self.out / EVAL_CURVE,
                                 title=f"{self.cfg.method} online evaluation ({self.evaluator.k}-NN)")

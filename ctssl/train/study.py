@@ -249,8 +249,9 @@ def report_online_eval(paths: StudyPaths, methods: Sequence[str], log: Callable[
     if png is None:
         return None
     lines = [EVAL_SECTION, "",
-             "k-NN accuracy (cosine, k=20, temperature-weighted votes) of each backbone's pooled features on the "
-             "labeled set's val split, measured while pre-training (`pretrain/eval_curves.png`).", "",
+             "k-NN accuracy (cosine similarity, k=20 or the train split's size when smaller, temperature-weighted "
+             "votes) of each backbone's pooled features on the labeled set's val split, measured while "
+             "pre-training (`pretrain/eval_curves.png`).", "",
              "| method | step | k-NN accuracy |", "|---|---|---|"]
     for method, records in curves.items():
         if records:

@@ -15,7 +15,7 @@ from ctssl.train.logger import read_log
 from .bars_data import write_npz
 from .test_pretrain_ddp import _free_ports
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 

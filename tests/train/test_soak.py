@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ctssl.train import pretrain
 from ctssl.train.distributed import ResumableBatchSampler, SeededItems
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 
 SAMPLES = 5000
 WARMUP_SAMPLES = 1000
