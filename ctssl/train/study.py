@@ -90,7 +90,8 @@ PRESETS: dict[str, StudyPreset] = {
     # one, and lose several times over when the cores are shared with other work.
     "toy": StudyPreset(patients=8, slices=16, phantom_size=128, labeled_patients=24, labeled_slices=16,
                        methods=("spark", "mocov2", "byol"), pretrain_preset="toy", pretrain_steps=20,
-                       pretrain_settings={"eval_every": 5, "eval_images": 256}, finetune_preset="toy", finetune_settings={},
+                       pretrain_settings={"eval_every": 5, "eval_images": 256}, finetune_preset="toy",
+                       finetune_settings={},
                        fractions=(0.1, 0.3, 1.0), seeds=(0, 1), threads=1),
     # one GPU: ResNet-50 at 224 px, the paper's four methods and fine-tuning protocol (shorter)
     "gpu": StudyPreset(patients=64, slices=64, phantom_size=256, labeled_patients=96, labeled_slices=24,

@@ -75,7 +75,6 @@ def test_data_pipeline_memory_stays_flat_over_5000_samples(pretrain_store):
         epoch += 1
     gc.collect()
     end = (sum(_rss_mb(p) for p in processes()), _open_fds(os.getpid()), len(processes()))
-    del loader
     growth = end[0] - marks["warm"][0]
     assert end[2] == marks["warm"][2] == 3  # the same persistent workers throughout
     assert growth < RSS_GROWTH_BOUND_MB, f"resident memory grew {growth:.1f} MB over {SAMPLES - WARMUP_SAMPLES} samples"
