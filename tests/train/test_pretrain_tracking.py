@@ -59,6 +59,8 @@ def test_cli_prints_the_summary_line(pretrain_store, tmp_path, capsys):
     done = re.search(r"ctssl-train: done: 3 steps in ([\d.]+) s; mean ([\d.]+) images/s over steps 2-3 "
                      r"\(step 1 is warm-up and not counted", err)
     assert done and float(done.group(1)) > 0 and float(done.group(2)) > 0, err
+    bar = err.split("\r")[-1] if "\r" in err else err  # the progress bar's last state
+    assert re.search(r"img_s=[\d.]+", err) and re.search(r"eta=[\d.]+ s", err), bar
     end = [r for r in read_log(tmp_path / "r" / "log.jsonl") if r.get("event") == "end"][0]
     assert end["images_per_s"] > 0 and 0 < end["seconds"] <= float(done.group(1)) + 0.1
 
