@@ -86,7 +86,7 @@ class OnlineEvaluator:
         except FinetuneError as exc:
             message = str(exc).replace(f"--data {data}", what, 1)
             raise ConfigError(message if message.startswith(what) else f"{what}: {message}") from None
-        self.source = splits.source
+        self.data, self.source = str(data), splits.source
         self.classes = [str(c) for c in splits.classes]
         self.train = _decode(splits.train, _capped(splits.train_labels, max_images, _SUBSET_SEED), channels, what)
         val_labels = np.asarray(splits.val.labels)
@@ -96,6 +96,23 @@ class OnlineEvaluator:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
+
+    def check(self, encoder: torch.nn.Module) -> None:
+        """One image through ``encoder`` now (CPU, eval mode), so images that do not fit it (channels, 2-D images
+        for a 3-D encoder) are a ConfigError at the start of the run, not at its first evaluation."""
+        was_training = encoder.training
+        try:
+            encoder.eval()
+            param = next(encoder.parameters(), None)
+            x = self.train.images[:1].to(param.device if param is not None else "cpu")
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                encoder.forward_features(x)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--eval-data {self.data}: its images, shape {tuple(self.train.images.shape[1:])}, do "
+                              f"not fit the encoder ({first})") from None
+        finally:
+            encoder.train(was_training)
 
     def describe(self) -> str:
         return (f"online eval on {self.source}: {len(self.train.labels)} train / {len(self.val.labels)} val images, "

@@ -5,6 +5,12 @@ per-step learning-rate / weight-decay schedule, optional bf16 autocast, gradient
 DDP when launched by torchrun, JSON-lines (+ TensorBoard) logs, pictures, and atomic
 checkpoints from which ``resume`` continues bit for bit: model, optimizer, scaler, data
 position, and every RNG the run draws from.
+
+Around the steps: online k-NN evaluation of the backbone on a labeled set (``eval_data``,
+``online_eval``; rank 0, every ``eval_every`` steps and at the end, RNGs untouched), optional
+Weights & Biases, a progress line with images/s and ETA, and a closing summary (total time, mean
+images/s without the warm-up step). A NaN/inf loss stops the run naming its first step and the
+outputs that were non-finite; no checkpoint is written from non-finite state.
 """
 from __future__ import annotations
 
@@ -268,6 +274,7 @@ class _Run:
                                                  max_images=cfg.eval_images, k=cfg.eval_k, probe=cfg.eval_probe,
                                                  batch_size=max(cfg.batch_size, 32), device=self.device,
                                                  amp_dtype=self.amp_dtype)
+                self.evaluator.check(self.method.backbone)
             except ConfigError as exc:
                 error = str(exc)
         error = broadcast_object(ctx, error)

@@ -95,6 +95,18 @@ def test_features_pool_every_spatial_dim_of_a_3d_encoder(bars):
     torch.testing.assert_close(feats, 2.0 * evaluator.train.images.mean(dim=(2, 3)))
 
 
+def test_images_that_do_not_fit_the_encoder_are_refused_by_check(bars):
+    from ctssl.models import create_encoder
+
+    encoder = create_encoder("resnet18", in_chans=3)
+    evaluator = OnlineEvaluator(bars, image_size=32, channels=1, max_images=4)  # grey images, an RGB encoder
+    encoder.train()
+    with pytest.raises(ConfigError, match=r"--eval-data .*shape \(1, 32, 32\), do not fit the encoder"):
+        evaluator.check(encoder)
+    assert encoder.training
+    OnlineEvaluator(bars, image_size=32, channels=3, max_images=4).check(encoder)
+
+
 @pytest.mark.parametrize("make_bad, message", [
     (lambda tmp: tmp / "missing.csv", "no such file"),
     (lambda tmp: (tmp / "bad.csv").write_text("path,label\nnope.png,a\nnope2.png,b\n") and tmp / "bad.csv", ""),
