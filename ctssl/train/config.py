@@ -133,7 +133,7 @@ class PretrainConfig:
     """A labeled set (anything ``ctssl-finetune --data`` reads) for k-NN accuracy while pre-training; "" = off."""
     eval_every: int = 1000
     """Steps between online evaluations (and one at the end of the run)."""
-    eval_images: int = 2000
+    eval_images: int = 1000
     """At most this many images of the labeled set's train split, and as many of its val split, are used."""
     eval_k: int = 20
     eval_probe: bool = False

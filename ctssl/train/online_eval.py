@@ -4,7 +4,8 @@ A pre-training loss says little about how useful the features are; the k-NN accu
 frozen backbone's features on a labeled set (InstDisc / DINO's monitor) does, at a small cost.
 ``OnlineEvaluator`` loads the labeled set once through ``finetune_data.load_splits`` (whatever
 ``ctssl-finetune`` reads: CSV, class folders, MedMNIST ``.npz``), keeps at most ``max_images`` of
-its train and val splits decoded in memory at the encoder's input size and channels, and then
+its train and val splits decoded in memory at the encoder's input size (grey, float16: 1000 + 1000
+images at 224 px hold 200 MB), and then
 ``evaluate(encoder)``:
 
 - features: the last stage's output pooled over ALL its spatial dims (2-D or 3-D encoders), in
@@ -39,7 +40,7 @@ _SUBSET_SEED = 0xE7A1
 
 @dataclass
 class _Split:
-    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1], on the CPU
+    images: torch.Tensor  # (N, 1, H, W) float16 grey in [0, 1], on the CPU (copied to C channels per batch)
     labels: torch.Tensor  # (N,) int64
 
 
@@ -51,7 +52,7 @@ def _capped(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
 
 
-def _decode(dataset, indices: np.ndarray, channels: int, what: str) -> _Split:
+def _decode(dataset, indices: np.ndarray, what: str) -> _Split:
     images, labels = [], []
     for i in indices:
         try:
@@ -60,9 +61,15 @@ def _decode(dataset, indices: np.ndarray, channels: int, what: str) -> _Split:
             samples = getattr(dataset, "samples", None)
             name = samples[int(i)] if isinstance(samples, list) else f"image {int(i)}"
             raise ConfigError(f"{what}: cannot read {name} ({type(exc).__name__}: {exc})") from None
-        images.append(x if x.shape[0] == channels else x[:1].expand(channels, *x.shape[1:]))
+        images.append(x[:1].to(torch.float16))
         labels.append(int(y))
     return _Split(torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.int64))
+
+
+def _input_dtype(encoder: torch.nn.Module) -> torch.dtype:
+    """The dtype of the encoder's weights (float32 unless a test runs it in float64); autocast does the rest."""
+    param = next(encoder.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
 class OnlineEvaluator:
@@ -72,7 +79,7 @@ class OnlineEvaluator:
     so a run with a bad set fails at its start.
     """
 
-    def __init__(self, data: str, image_size: int, channels: int, intensity: str = "raw", max_images: int = 2000,
+    def __init__(self, data: str, image_size: int, channels: int, intensity: str = "raw", max_images: int = 1000,
                  k: int = KNN_K, probe: bool = False, probe_steps: int = PROBE_STEPS, batch_size: int = 64,
                  device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None):
         from .finetune_data import load_splits
@@ -88,9 +95,10 @@ class OnlineEvaluator:
             raise ConfigError(message if message.startswith(what) else f"{what}: {message}") from None
         self.data, self.source = str(data), splits.source
         self.classes = [str(c) for c in splits.classes]
-        self.train = _decode(splits.train, _capped(splits.train_labels, max_images, _SUBSET_SEED), channels, what)
+        self.train = _decode(splits.train, _capped(splits.train_labels, max_images, _SUBSET_SEED), what)
         val_labels = np.asarray(splits.val.labels)
-        self.val = _decode(splits.val, _capped(val_labels, max_images, _SUBSET_SEED + 1), channels, what)
+        self.val = _decode(splits.val, _capped(val_labels, max_images, _SUBSET_SEED + 1), what)
+        self.channels = channels
         self.k = min(k, len(self.train.labels))
         self.probe, self.probe_steps = probe, probe_steps
         self.batch_size = batch_size
@@ -104,12 +112,13 @@ class OnlineEvaluator:
         try:
             encoder.eval()
             param = next(encoder.parameters(), None)
-            x = self.train.images[:1].to(param.device if param is not None else "cpu")
+            x = self._batch(self.train.images[:1], param.device if param is not None else torch.device("cpu"),
+                            _input_dtype(encoder))
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 encoder.forward_features(x)
         except (RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"--eval-data {self.data}: its images, shape {tuple(self.train.images.shape[1:])}, do "
+            raise ConfigError(f"--eval-data {self.data}: its images, shape {tuple(x.shape[1:])}, do "
                               f"not fit the encoder ({first})") from None
         finally:
             encoder.train(was_training)
@@ -119,16 +128,20 @@ class OnlineEvaluator:
                 f"{len(self.classes)} classes, {self.k}-NN" + (", linear probe" if self.probe else ""))
 
     # ------------------------------------------------------------------------------------------
+    def _batch(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Stored grey images as the encoder's input: on ``device``, in ``dtype``, with its channels."""
+        x = images.to(device, non_blocking=True).to(dtype)
+        return x if x.shape[1] == self.channels else x.expand(-1, self.channels, *x.shape[2:])
+
     @torch.no_grad()
     def features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """(N, num_features) float32 on the device: the last stage pooled over all its spatial dims."""
         out = []
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
-        param = next(encoder.parameters(), None)
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        dtype = _input_dtype(encoder)
         for start in range(0, images.shape[0], self.batch_size):
-            x = images[start:start + self.batch_size].to(self.device, dtype=dtype, non_blocking=True)
+            x = self._batch(images[start:start + self.batch_size], self.device, dtype)
             with autocast:
                 last = encoder.forward_features(x)[-1]
             out.append(last.float().flatten(2).mean(-1))

@@ -95,7 +95,7 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, metavar="N", help="steps between online evaluations (default 1000; "
                                                                "also at the end of the run)")
     g.add_argument("--eval-images", type=int, metavar="N",
-                   help="use at most N images of the train split and N of the val split (default 2000)")
+                   help="use at most N images of the train split and N of the val split (default 1000)")
     g.add_argument("--eval-probe", action="store_true", default=None,
                    help="also a quick linear probe (300 full-batch steps of logistic regression on the features)")
     g.add_argument("--wandb", action="store_true", default=None,

@@ -71,7 +71,8 @@ def test_evaluate_leaves_encoder_and_rng_as_found(bars):
     torch.manual_seed(0)
     encoder = create_encoder("resnet18", in_chans=3)
     evaluator = OnlineEvaluator(bars, image_size=32, channels=3, max_images=10, probe=True, probe_steps=20)
-    assert evaluator.train.images.shape == (10, 3, 32, 32) and len(evaluator.val.labels) == 10
+    assert evaluator.train.images.shape == (10, 1, 32, 32) and len(evaluator.val.labels) == 10
+    assert evaluator.train.images.dtype == torch.float16  # grey, half precision: bounded host memory
     assert evaluator.k == 10  # at most the number of train images
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     rng = torch.get_rng_state()
@@ -92,7 +93,7 @@ def test_features_pool_every_spatial_dim_of_a_3d_encoder(bars):
 
     evaluator = OnlineEvaluator(bars, image_size=16, channels=1, max_images=6)
     feats = evaluator.features(Volume(), evaluator.train.images)
-    torch.testing.assert_close(feats, 2.0 * evaluator.train.images.mean(dim=(2, 3)))
+    torch.testing.assert_close(feats, 2.0 * evaluator.train.images.float().mean(dim=(2, 3)))
 
 
 def test_images_that_do_not_fit_the_encoder_are_refused_by_check(bars):

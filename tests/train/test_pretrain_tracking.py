@@ -131,6 +131,33 @@ def test_wandb_missing_is_one_line_at_start(pretrain_store, tmp_path, monkeypatc
     assert not out.exists()
 
 
+def test_run_logger_mirrors_steps_and_evaluations_to_tensorboard(tmp_path, monkeypatch):
+    from ctssl.train.logger import RunLogger
+
+    scalars = []
+
+    class SummaryWriter:  # stands for torch.utils.tensorboard's (tensorboard is an optional extra)
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    logger = RunLogger(tmp_path, tensorboard=True)
+    logger.log(3, {"loss": torch.tensor(0.5), "lr": 1e-3})
+    logger.log_eval(3, {"knn_acc": 0.75, "eval_seconds": 1.5})
+    logger.close()
+    assert scalars == [("pretrain/loss", 0.5, 3), ("pretrain/lr", 1e-3, 3), ("eval/knn_acc", 0.75, 3),
+                       ("eval/eval_seconds", 1.5, 3), "closed"]
+    records = read_log(tmp_path / "log.jsonl")
+    assert records[0]["loss"] == 0.5 and "kind" not in records[0]
+    assert records[1]["kind"] == "eval" and records[1]["knn_acc"] == 0.75 and "loss" not in records[1]
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
