@@ -554,7 +554,7 @@ class _Run:
             if not loss_finite:
                 first, keys = self.window.nonfinite_detail()
                 what = (f"the loss became NaN or infinite {f'at step {first}' if first else f'by step {step}'} "
-                        f"(non-finite: {', '.join(keys)})")
+                        f"(non-finite: {', '.join(keys)}; found before writing the checkpoint of step {step})")
             elif not finite:
                 bad = next(k for k, t in method.state_dict().items()
                            if t.is_floating_point() and not bool(torch.isfinite(t).all()))
