@@ -53,6 +53,7 @@ from .logger import LOG_FILE, Progress, RunLogger, Throughput, WandbSettings, fo
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import TrainingSchedule, build_schedule
 from .viz import eval_records, plot_eval_curve, plot_loss_curve, save_image_grid
+from .weights import apply_init
 
 CONFIG_FILE = "config.json"
 VIS_DIR = "vis"
@@ -237,6 +238,8 @@ class _Run:
                               f"or choose another --out (or pass --overwrite)")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.method = build_method(cfg, self.plan)
+        self.init_lines = apply_init(self.method, cfg, resuming=self.resumed is not None,
+                                     log=print if ctx.is_main else None)  # --init: before the optimizer exists
         try:
             transform = self.method.train_transform(cfg.image_size)
         except ValueError as exc:
@@ -684,7 +687,7 @@ def load_run_config(path: str | os.PathLike) -> PretrainConfig:
 
 
 def export_backbone(source, path: str | os.PathLike) -> Path:
-    """Write a plain torchvision ResNet state_dict (fc included); see ``checkpoint.export_backbone``."""
+    """Write the backbone as a plain state_dict (torchvision / timm keys); see ``checkpoint.export_backbone``."""
     return ckpt_io.export_backbone(source, path)
 
 

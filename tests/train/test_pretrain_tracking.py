@@ -210,6 +210,7 @@ def test_nan_found_at_a_checkpoint_names_its_step(pretrain_store, tiny_config, t
         return out
 
     monkeypatch.setattr(pretrain._Run, "_train_step", poisoned_step)
-    with pytest.raises(pretrain.TrainingError, match=r"at step 4 \(non-finite: loss; found before writing the checkpoint of step 4\)"):
+    found = r"at step 4 \(non-finite: loss; found before writing the checkpoint of step 4\)"
+    with pytest.raises(pretrain.TrainingError, match=found):
         run_pretraining(cfg)
     assert load_checkpoint(tmp_path / "run" / LAST)["step"] == 2
