@@ -108,6 +108,29 @@ def test_images_that_do_not_fit_the_encoder_are_refused_by_check(bars):
     OnlineEvaluator(bars, image_size=32, channels=3, max_images=4).check(encoder)
 
 
+def test_a_3d_encoder_is_evaluated_on_a_3d_labeled_set(tmp_path):
+    """MedMNIST's 3-D layout ((N, D, H, W) volumes) through a 3-D ResNet: features pooled over D, H and W."""
+    from ctssl.models import create_encoder
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", 8), ("val", 4), ("test", 2)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, 12, 12, 12), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % 2)[:, None]
+    np.savez(tmp_path / "organmnist3d.npz", **arrays)
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18_3d", in_chans=1)
+    evaluator = OnlineEvaluator(str(tmp_path / "organmnist3d.npz"), image_size=16, channels=1, probe=True,
+                                probe_steps=10)
+    assert evaluator.train.images.shape == (8, 1, 16, 16, 16)
+    evaluator.check(encoder)
+    result = evaluator.evaluate(encoder)
+    assert 0.0 <= result["knn_acc"] <= 1.0 and 0.0 <= result["probe_acc"] <= 1.0
+    assert evaluator.features(encoder, evaluator.val.images).shape == (4, encoder.num_features)
+    with pytest.raises(ConfigError, match="do not fit the encoder"):  # volumes for a 2-D encoder
+        evaluator.check(create_encoder("resnet18", in_chans=1))
+
+
 @pytest.mark.parametrize("make_bad, message", [
     (lambda tmp: tmp / "missing.csv", "no such file"),
     (lambda tmp: (tmp / "bad.csv").write_text("path,label\nnope.png,a\nnope2.png,b\n") and tmp / "bad.csv", ""),
