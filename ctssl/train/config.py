@@ -36,6 +36,7 @@ ARCHS = _registered_encoders()
 OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("offline", "online")
 
 
 _UnionType = getattr(types, "UnionType", None)
@@ -130,6 +131,22 @@ class PretrainConfig:
     tensorboard: bool = True
     find_unused_parameters: bool = False
 
+    # online evaluation and run tracking (ctssl.train.online_eval, logger)
+    eval_data: str = ""
+    """A labeled set (anything ``ctssl-finetune --data`` reads) for k-NN accuracy while pre-training; "" = off."""
+    eval_every: int = 1000
+    """Steps between online evaluations (and one at the end of the run)."""
+    eval_images: int = 1000
+    """At most this many images of the labeled set's train split, and as many of its val split, are used."""
+    eval_k: int = 20
+    eval_probe: bool = False
+    """Also a quick linear probe (logistic regression on the cached features) at each evaluation."""
+    wandb: bool = False
+    """Mirror log.jsonl's scalars to Weights & Biases (pip install 'ctssl[wandb]')."""
+    wandb_project: str = "ctssl"
+    wandb_mode: str = "offline"
+    """offline (default: no network, ``wandb sync`` later) or online."""
+
     def global_batch(self, world_size: int = 1) -> int:
         return self.batch_size * world_size
 
@@ -190,7 +207,15 @@ class PretrainConfig:
         if self.vis_images < 1:
             raise ConfigError(f"vis_images must be >= 1, got {self.vis_images}")
         check_hparams(self.method, self.hparams)
+        self._validate_tracking()
         return self
+
+    def _validate_tracking(self) -> None:
+        for name in ("eval_every", "eval_images", "eval_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"unknown wandb_mode {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

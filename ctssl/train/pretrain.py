@@ -5,6 +5,12 @@ per-step learning-rate / weight-decay schedule, optional bf16 autocast, gradient
 DDP when launched by torchrun, JSON-lines (+ TensorBoard) logs, pictures, and atomic
 checkpoints from which ``resume`` continues bit for bit: model, optimizer, scaler, data
 position, and every RNG the run draws from.
+
+Around the steps: online k-NN evaluation of the backbone on a labeled set (``eval_data``,
+``online_eval``; rank 0, every ``eval_every`` steps and at the end, RNGs untouched), optional
+Weights & Biases, a progress line with images/s and ETA, and a closing summary (total time, mean
+images/s without the warm-up step). A NaN/inf loss stops the run naming its first step and the
+outputs that were non-finite; no checkpoint is written from non-finite state.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from .distributed import (
     SeededItems,
     all_gather_object,
     barrier,
+    broadcast_object,
     convert_batchnorm,
     derive_seed,
     init_distributed,
@@ -42,15 +49,16 @@ from .distributed import (
     shutdown,
     wrap_ddp,
 )
-from .logger import LOG_FILE, Progress, RunLogger, truncate_log
+from .logger import LOG_FILE, Progress, RunLogger, Throughput, WandbSettings, format_duration, truncate_log
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import TrainingSchedule, build_schedule
-from .viz import plot_loss_curve, save_image_grid
+from .viz import eval_records, plot_eval_curve, plot_loss_curve, save_image_grid
 from .weights import apply_init
 
 CONFIG_FILE = "config.json"
 VIS_DIR = "vis"
 LOSS_CURVE = "loss_curve.png"
+EVAL_CURVE = "eval_curve.png"
 _VIS_SEED = 0x51C7
 
 
@@ -213,6 +221,7 @@ class _Run:
             check_output_dir(self.out, "--out")
         except OutputError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_wandb()
         self.resumed = load_checkpoint(resume_path) if resume_path is not None else None
         self.last_good: tuple[Path, int] | None = None  # a checkpoint known to hold finite state, and its step
         if self.resumed is not None:
@@ -242,6 +251,38 @@ class _Run:
                                            intensity=cfg.intensity, transform=transform)
         except ValueError as exc:
             raise ConfigError(f"data: {exc}") from None
+        self._build_evaluator()
+
+    def _check_wandb(self) -> None:
+        """``--wandb`` without the wandb package: ConfigError naming the extra to install."""
+        if self.cfg.wandb:
+            try:
+                WandbSettings.check()
+            except ImportError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def _build_evaluator(self) -> None:
+        """The ``--eval-data`` set loaded now: missing or unreadable, it is a ConfigError at the start, not after
+        hours of training. Decoded on rank 0 only; its verdict is shared with every rank."""
+        cfg, ctx = self.cfg, self.ctx
+        self.evaluator = None
+        if not cfg.eval_data:
+            return
+        error = None
+        if ctx.is_main:
+            from .online_eval import OnlineEvaluator
+
+            try:
+                self.evaluator = OnlineEvaluator(cfg.eval_data, cfg.image_size, cfg.in_chans, cfg.intensity,
+                                                 max_images=cfg.eval_images, k=cfg.eval_k, probe=cfg.eval_probe,
+                                                 batch_size=max(cfg.batch_size, 32), device=self.device,
+                                                 amp_dtype=self.amp_dtype)
+                self.evaluator.check(self.method.backbone)
+            except ConfigError as exc:
+                error = str(exc)
+        error = broadcast_object(ctx, error)
+        if error is not None:
+            raise ConfigError(error)
 
     def _check_compatible(self, saved: dict, path: Path) -> None:
         for key in ("method", "arch", "in_chans"):
@@ -288,7 +329,8 @@ class _Run:
             if self.resumed is not None:
                 truncate_log(self.out / LOG_FILE, step)
             self._write_config()
-        logger = RunLogger(self.out, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        wandb = (WandbSettings(cfg.wandb_project, cfg.wandb_mode, dataclasses.asdict(cfg)) if cfg.wandb else None)
+        logger = RunLogger(self.out, enabled=ctx.is_main, tensorboard=cfg.tensorboard, wandb=wandb)
         if logger.tensorboard_reason and cfg.tensorboard:
             logger.event("note", message=logger.tensorboard_reason)
         logger.event("resume" if self.resumed is not None else "start", step=step, epoch=epoch,
@@ -317,6 +359,11 @@ class _Run:
                            f"process(es), peak lr {plan.peak_lr:.3g}, {self.device}, backend {cfg.backend}, "
                            f"amp {amp}" + (f"; resuming at step {step}" if step else ""))
         window = self.window = _Window(self.device)
+        throughput = self.throughput = Throughput(plan.global_batch)
+        self.first_step = step
+        self.last_eval_step = self._last_eval_step(step)
+        if ctx.is_main and self.evaluator is not None and cfg.progress:
+            progress.write(f"ctssl-train: {self.evaluator.describe()}, every {cfg.eval_every} steps")
         try:
             while step < plan.total_steps:
                 if batch_in_epoch >= plan.steps_per_epoch:
@@ -329,12 +376,15 @@ class _Run:
                     method.after_step(step, plan.total_steps)
                     step += 1
                     batch_in_epoch += 1
-                    window.add(out)
+                    window.add(out, step)
+                    throughput.step()
                     if step % cfg.log_every == 0 or step == plan.total_steps:
                         record = self._log(logger, window, step, epoch, lr, wd)
-                        progress.update(0, loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.1f}")
+                        progress.update(0, **self._progress_fields(record, step))
                     if step % cfg.vis_every == 0:
                         self._visualize(method, vis_batch, step)
+                    if step % cfg.eval_every == 0 or step == plan.total_steps:
+                        self._online_eval(method, logger, step)
                     if step % cfg.ckpt_every == 0 and step < plan.total_steps:
                         self._save(LAST, method, optimizer, schedule, scaler, sampler, step, epoch, batch_in_epoch)
                     progress.update(1)
@@ -343,13 +393,17 @@ class _Run:
                 else:
                     continue
                 break
+            self._online_eval(method, logger, step)  # a run resumed at its end: evaluated unless it already was
             final = self._save(FINAL, method, optimizer, schedule, scaler, sampler, step, epoch, batch_in_epoch)
             if ctx.is_main:
                 copy_file(final, self.out / LAST)
                 if vis_batch is not None and step % cfg.vis_every != 0:
                     self._visualize(method, vis_batch, step, collective=False)
                 plot_loss_curve(self.out / LOG_FILE, self.out / LOSS_CURVE, title=f"{cfg.method} pre-training loss")
-                logger.event("end", step=step, epoch=epoch, checkpoint=str(final))
+                mean = throughput.mean_images_per_s()
+                logger.event("end", step=step, epoch=epoch, checkpoint=str(final), seconds=throughput.elapsed,
+                             eval_seconds=throughput.paused_seconds, images_per_s=mean)
+                progress.write(f"ctssl-train: done: {throughput.summary(self.first_step)}")
             barrier(ctx)
         finally:
             progress.close()
@@ -383,14 +437,56 @@ class _Run:
         return logs
 
     def _log(self, logger: RunLogger, window: "_Window", step: int, epoch: int, lr: float, wd: float) -> dict:
+        detail = None if window.finite() else window.nonfinite_detail()
         means, nonfinite, steps, seconds = window.flush(self.ctx)
         if nonfinite:
-            raise TrainingError(f"the loss became NaN or infinite between steps {step - steps + 1} and {step}; "
-                                f"lower the learning rate or check the data ({self._last_good_text()})")
+            where = (f"at step {detail[0]} (non-finite: {', '.join(detail[1])})" if detail and detail[0]
+                     else f"between steps {step - steps + 1} and {step}")
+            raise TrainingError(f"the loss became NaN or infinite {where}; lower the learning rate or check the "
+                                f"data ({self._last_good_text()})")
         record = {"epoch": epoch, "lr": lr, "weight_decay": wd, **means,
                   "images_per_s": self.plan.global_batch * steps / max(seconds, 1e-9)}
         logger.log(step, record)
         return record
+
+    def _progress_fields(self, record: dict, step: int) -> dict[str, str]:
+        """The progress line's loss, images/s (this log window), ETA and latest k-NN accuracy."""
+        fields = {"loss": f"{record['loss']:.4g}", "img_s": f"{record['images_per_s']:.1f}"}
+        eta = self.throughput.eta_seconds(self.plan.total_steps - step)
+        if eta is not None:
+            fields["eta"] = format_duration(eta)
+        if getattr(self, "last_knn", None) is not None:
+            fields["knn"] = f"{self.last_knn:.3f}"
+        return fields
+
+    # ------------------------------------------------------------------------------------------
+    def _last_eval_step(self, step: int) -> int | None:
+        """The step of the latest evaluation in log.jsonl (a resumed run; rank 0's answer on every rank)."""
+        last = None
+        if self.ctx.is_main and self.cfg.eval_data and self.resumed is not None:
+            steps = [r["step"] for r in eval_records(self.out / LOG_FILE) if r["step"] <= step]
+            last = max(steps) if steps else None
+        return broadcast_object(self.ctx, last)
+
+    def _online_eval(self, method, logger: RunLogger, step: int) -> None:
+        """k-NN (and probe) accuracy of the backbone at ``step`` on rank 0, the others waiting at a barrier;
+        once per step (a resumed run does not repeat the evaluation its log already holds)."""
+        if not self.cfg.eval_data or self.last_eval_step == step:
+            return
+        self._check_finite(method, step)  # NaN weights are reported as such, not as a chance-level accuracy
+        t0 = time.perf_counter()
+        with self.throughput.paused():
+            if self.ctx.is_main:
+                result = self.evaluator.evaluate(method.backbone)
+                self.last_knn = result["knn_acc"]
+                logger.log_eval(step, {**result, "knn_k": self.evaluator.k,
+                                       "eval_train_images": len(self.evaluator.train.labels),
+                                       "eval_val_images": len(self.evaluator.val.labels)})
+                plot_eval_curve(self.out / LOG_FILE, self.out / EVAL_CURVE,
+                                title=f"{self.cfg.method} online evaluation ({self.evaluator.k}-NN)")
+            barrier(self.ctx)
+        self.window.start += time.perf_counter() - t0  # the next logged images/s is of training alone
+        self.last_eval_step = step
 
     def _vis_batch(self):
         """A fixed batch for pictures: the first images, augmented with fixed seeds."""
@@ -454,11 +550,21 @@ class _Run:
 
     def _check_finite(self, method, step: int) -> None:
         """TrainingError (on every rank alike) once the loss since the last log or the weights are NaN or inf."""
-        finite = self.window.finite() and bool(torch.stack(
+        loss_finite = self.window.finite()
+        finite = loss_finite and bool(torch.stack(
             [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]).all())
         if mean_across_ranks(self.ctx, torch.tensor([0.0 if finite else 1.0], device=self.device)).item() > 0:
-            raise TrainingError(f"the loss or the weights became NaN or infinite by step {step}; lower the learning "
-                                f"rate or check the data ({self._last_good_text()})")
+            if not loss_finite:
+                first, keys = self.window.nonfinite_detail()
+                what = (f"the loss became NaN or infinite {f'at step {first}' if first else f'by step {step}'} "
+                        f"(non-finite: {', '.join(keys)}; found before writing the checkpoint of step {step})")
+            elif not finite:
+                bad = next(k for k, t in method.state_dict().items()
+                           if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+                what = f"the weights became NaN or infinite by step {step} (first: {bad})"
+            else:
+                what = f"the loss or the weights became NaN or infinite on another rank by step {step}"
+            raise TrainingError(f"{what}; lower the learning rate or check the data ({self._last_good_text()})")
 
     def _last_good_text(self) -> str:
         if self.last_good is None:
@@ -532,14 +638,29 @@ class _Window:
     def __init__(self, device: torch.device):
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad: dict[str, torch.Tensor] = {}  # per output: the first step it was NaN/inf (-1: none)
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
+    def add(self, logs: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """Sum this step's outputs; ``step`` (1-based) is kept, on the device, where an output first is NaN/inf."""
         for key, value in logs.items():
             value = value.float().reshape(())
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            if step is not None:
+                first = self.first_bad.get(key)
+                if first is None:
+                    first = torch.full((), -1, dtype=torch.int64, device=value.device)
+                self.first_bad[key] = torch.where(~torch.isfinite(value) & (first < 0), step, first)
         self.steps += 1
+
+    def nonfinite_detail(self) -> tuple[int | None, list[str]]:
+        """(first step with a NaN/inf output, the outputs that were NaN/inf at it): read only on failure."""
+        firsts = {k: int(v) for k, v in self.first_bad.items() if int(v) >= 0}
+        if not firsts:
+            return None, sorted(k for k, v in self.sums.items() if not bool(torch.isfinite(v)))
+        first = min(firsts.values())
+        return first, sorted(k for k, v in firsts.items() if v == first)
 
     def finite(self) -> bool:
         """Whether every summed output since the last flush is finite (one host sync)."""
@@ -552,7 +673,7 @@ class _Window:
         means = dict(zip(keys, values.tolist()))
         nonfinite = not all(math.isfinite(v) for v in means.values())
         steps, seconds = self.steps, time.perf_counter() - self.start
-        self.sums, self.steps, self.start = {}, 0, time.perf_counter()
+        self.sums, self.first_bad, self.steps, self.start = {}, {}, 0, time.perf_counter()
         return means, nonfinite, steps, seconds
 
 

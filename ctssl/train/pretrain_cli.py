@@ -5,6 +5,7 @@
     torchrun --no-python --nproc-per-node 4 ctssl-train --method spark --data ... --out ...
     ctssl-train --out runs/spark --resume                 # continue where it stopped
     ctssl-train --out runs/spark --resume --export r50.pt # write the backbone for fine-tuning
+    ctssl-train --method spark --data STORE --out runs/spark --eval-data labels.csv --eval-every 500 --wandb
 
 Settings: preset (``paper`` by default: the seed paper's settings of the method) < config file
 (--config FILE.toml / .yaml / .json) < ``--set key=value`` < the flags below. With --resume the
@@ -23,6 +24,7 @@ from .config import (
     DEVICES,
     METHODS,
     PRESETS,
+    WANDB_MODES,
     ConfigError,
     PretrainConfig,
     apply_values,
@@ -83,7 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(torchvision's keys for ResNets, timm's for ConvNeXts)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tracking_flags(p)
     return p
+
+
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    """Online evaluation and Weights & Biases (config fields eval_* and wandb*)."""
+    g = p.add_argument_group("online evaluation and tracking")
+    g.add_argument("--eval-data", metavar="LABELED",
+                   help="labeled set (a CSV, class folders or a MedMNIST .npz, as ctssl-finetune --data) for k-NN "
+                        "accuracy of the backbone's features while pre-training (val split; log.jsonl, eval_curve.png)")
+    g.add_argument("--eval-every", type=int, metavar="N", help="steps between online evaluations (default 1000; "
+                                                               "also at the end of the run)")
+    g.add_argument("--eval-images", type=int, metavar="N",
+                   help="use at most N images of the train split and N of the val split (default 1000)")
+    g.add_argument("--eval-probe", action="store_true", default=None,
+                   help="also a quick linear probe (300 full-batch steps of logistic regression on the features)")
+    g.add_argument("--wandb", action="store_true", default=None,
+                   help="also log to Weights & Biases (pip install 'ctssl[wandb]')")
+    g.add_argument("--wandb-project", help="W&B project (default ctssl)")
+    g.add_argument("--wandb-mode", choices=WANDB_MODES,
+                   help="offline (default: no network; wandb sync OUT/wandb later) or online")
+
+
+_TRACKING_FLAG_FIELDS = {
+    "eval_data": "eval_data", "eval_every": "eval_every", "eval_images": "eval_images", "eval_probe": "eval_probe",
+    "wandb": "wandb", "wandb_project": "wandb_project", "wandb_mode": "wandb_mode",
+}
 
 
 _FLAG_FIELDS = {
@@ -98,6 +126,8 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | None]
     file_values = read_config_file(args.config) if args.config else {}
     overrides = parse_overrides(args.overrides)
     flags = {field: getattr(args, name) for name, field in _FLAG_FIELDS.items() if getattr(args, name) is not None}
+    flags.update({field: getattr(args, name) for name, field in _TRACKING_FLAG_FIELDS.items()
+                  if getattr(args, name, None) is not None})
     if args.steps is not None:
         flags["max_steps"] = args.steps
     elif args.epochs is not None:

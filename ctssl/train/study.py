@@ -10,7 +10,9 @@ Stages, each skipped on a rerun when its output exists (so an interrupted study 
 3. ``pretrain``: ``run_pretraining`` (``ctssl-train``) of SparK and contrastive methods on the store
    (``OUT/pretrain/<method>``; an interrupted run is resumed from its last checkpoint);
 4. ``sweep``: ``run_sweep`` (``ctssl-sweep``): every backbone and a random-init baseline x label
-   fractions x seeds, fine-tuned on the same nested label subsets; then the report in ``OUT/sweep/report``.
+   fractions x seeds, fine-tuned on the same nested label subsets; then the report in ``OUT/sweep/report``,
+   with the k-NN accuracy that each pre-training run measured on the labeled set while it trained
+   (``--eval-data``; curves in ``OUT/pretrain/eval_curves.png``).
 
 At toy scale the pre-training is seconds long, so the numbers show that the pipeline works, not
 the paper's finding. The paper's real setting, with the same tools::
@@ -81,19 +83,20 @@ PRESETS: dict[str, StudyPreset] = {
     # seconds: for the test suite
     "test": StudyPreset(patients=2, slices=4, phantom_size=64, labeled_patients=6, labeled_slices=4,
                         methods=("spark", "byol"), pretrain_preset="toy", pretrain_steps=1,
-                        pretrain_settings={"batch_size": 4},
+                        pretrain_settings={"batch_size": 4, "eval_every": 1, "eval_images": 64},
                         finetune_preset="test", finetune_settings={"epochs": 1}, fractions=(0.5, 1.0), seeds=(0,),
                         threads=1),
     # about ten minutes on a 2-core CPU. One thread: batches this small gain little from a second
     # one, and lose several times over when the cores are shared with other work.
     "toy": StudyPreset(patients=8, slices=16, phantom_size=128, labeled_patients=24, labeled_slices=16,
                        methods=("spark", "mocov2", "byol"), pretrain_preset="toy", pretrain_steps=20,
-                       pretrain_settings={}, finetune_preset="toy", finetune_settings={},
+                       pretrain_settings={"eval_every": 5, "eval_images": 256}, finetune_preset="toy",
+                       finetune_settings={},
                        fractions=(0.1, 0.3, 1.0), seeds=(0, 1), threads=1),
     # one GPU: ResNet-50 at 224 px, the paper's four methods and fine-tuning protocol (shorter)
     "gpu": StudyPreset(patients=64, slices=64, phantom_size=256, labeled_patients=96, labeled_slices=24,
                        methods=("spark", "swav", "mocov2", "byol"), pretrain_preset="paper", pretrain_steps=2000,
-                       pretrain_settings={"arch": "resnet50", "image_size": 224, "workers": 8},
+                       pretrain_settings={"arch": "resnet50", "image_size": 224, "workers": 8, "eval_every": 250},
                        finetune_preset="paper", finetune_settings={"epochs": 30, "freeze_epochs": 5, "workers": 8,
                                                                    "amp": True},
                        fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=(0, 1, 2), device="cuda"),
@@ -174,7 +177,8 @@ def pretrain_config(paths: StudyPaths, preset: StudyPreset, method: str, args):
         return dataclasses.replace(load_run_config(out / LAST), progress=False), out / LAST
     values = {**preset_values(preset.pretrain_preset, method), "data": str(paths.store), "out": str(out),
               "max_steps": args.pretrain_steps or preset.pretrain_steps, "seed": args.seed,
-              "device": args.device or preset.device, "progress": False, **preset.pretrain_settings}
+              "device": args.device or preset.device, "progress": False, "eval_data": str(paths.labels_csv),
+              **preset.pretrain_settings}
     if args.backend and method == "spark":
         values["backend"] = args.backend
     return apply_values(PretrainConfig(), values, f"study preset {args.preset}").validate(), None
@@ -229,6 +233,37 @@ def stage_sweep(paths: StudyPaths, preset: StudyPreset, checkpoints: dict[str, P
     print_summary(result)
     log(f"sweep: {paths.sweep} ({time.perf_counter() - t0:.1f} s)")
     return 1 if result["failed"] else 0
+
+
+EVAL_SECTION = "## Pre-training: online k-NN accuracy"
+
+
+def report_online_eval(paths: StudyPaths, methods: Sequence[str], log: Callable[[str], None]) -> Path | None:
+    """Plot every method's k-NN accuracy during pre-training (``OUT/pretrain/eval_curves.png``) and add a
+    section with the last values to the sweep's summary.md (once); None when no run evaluated."""
+    from ..atomic import write_text
+    from .logger import LOG_FILE
+    from .viz import eval_records, plot_eval_curves
+
+    curves = {m: eval_records(paths.pretrain / m / LOG_FILE) for m in methods}
+    png = plot_eval_curves(curves, paths.pretrain / "eval_curves.png", title="online k-NN accuracy (val split)")
+    if png is None:
+        return None
+    lines = [EVAL_SECTION, "",
+             "k-NN accuracy (cosine similarity, k=20 or the train split's size when smaller, temperature-weighted "
+             "votes) of each backbone's pooled features on the labeled set's val split, measured while "
+             "pre-training (`pretrain/eval_curves.png`).", "",
+             "| method | step | k-NN accuracy |", "|---|---|---|"]
+    for method, records in curves.items():
+        if records:
+            lines.append(f"| {method} | {records[-1]['step']} | {records[-1]['knn_acc']:.3f} |")
+            log(f"pretrain {method}: k-NN accuracy {records[-1]['knn_acc']:.3f} at step {records[-1]['step']}")
+    summary = paths.sweep / "report" / "summary.md"
+    if summary.is_file():
+        text = summary.read_text(encoding="utf-8")
+        if EVAL_SECTION not in text:
+            write_text(summary, text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+    return png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage_store(paths, log)
         checkpoints = stage_pretrain(paths, preset, methods, args, log)
         code = stage_sweep(paths, preset, checkpoints, args, log)
+        report_online_eval(paths, methods, log)
     except StudyError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.code

@@ -1,4 +1,4 @@
-"""Pictures of a run: SparK's input / masked input / reconstruction grids, and loss curves."""
+"""Pictures of a run: SparK's input / masked input / reconstruction grids, loss and online-evaluation curves."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..atomic import replace_atomically
-from .logger import read_log
+from .logger import EVAL_KIND, read_log
 
 
 def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
@@ -82,4 +82,48 @@ def plot_loss_curve(log_path: str | os.PathLike, png_path: str | os.PathLike,
     return Path(png_path)
 
 
-__all__ = ["image_grid", "save_image_grid", "plot_loss_curve"]
+def eval_records(log_path: str | os.PathLike) -> list[dict]:
+    """The online-evaluation records of a ``log.jsonl``, by step."""
+    return sorted((r for r in read_log(log_path) if r.get("kind") == EVAL_KIND and "step" in r),
+                  key=lambda r: r["step"])
+
+
+def plot_eval_curves(curves: dict[str, list[dict]], png_path: str | os.PathLike,
+                     title: str = "online evaluation") -> Path | None:
+    """A PNG of k-NN (solid) and linear-probe (dashed) accuracy against step, one colour per curve name."""
+    curves = {name: [r for r in records if isinstance(r.get("knn_acc"), (int, float))]
+              for name, records in curves.items()}
+    curves = {name: records for name, records in curves.items() if records}
+    if not curves:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.subplots()
+    for i, (name, records) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        steps = [r["step"] for r in records]
+        label = f"{name} k-NN" if len(curves) > 1 or name else "k-NN"
+        ax.plot(steps, [r["knn_acc"] for r in records], color=color, lw=1.2, marker="o", ms=3, label=label)
+        probe = [(r["step"], r["probe_acc"]) for r in records if isinstance(r.get("probe_acc"), (int, float))]
+        if probe:
+            ax.plot(*zip(*probe), color=color, lw=1.0, ls="--", marker="s", ms=3,
+                    label=f"{name} linear probe" if name else "linear probe")
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("val accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with replace_atomically(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(png_path)
+
+
+def plot_eval_curve(log_path: str | os.PathLike, png_path: str | os.PathLike,
+                    title: str = "online evaluation") -> Path | None:
+    """``plot_eval_curves`` of one run's ``log.jsonl``; None when it holds no evaluation."""
+    return plot_eval_curves({"": eval_records(log_path)}, png_path, title)
+
+
+__all__ = ["image_grid", "save_image_grid", "plot_loss_curve", "plot_eval_curve", "plot_eval_curves", "eval_records"]
