@@ -19,17 +19,23 @@ _EXPORTS = {
     "GaussianNoise": "augment",
     "IntensityJitter": "augment",
     "MultiCropTransform": "augment",
+    "RandomFlip3d": "augment",
     "RandomHorizontalFlip": "augment",
     "RandomResizedCrop": "augment",
+    "RandomResizedCrop3d": "augment",
     "RandomRotation": "augment",
     "RandomVerticalFlip": "augment",
     "SparkTransform": "augment",
+    "SparkTransform3d": "augment",
     "TwoViewTransform": "augment",
+    "TwoViewTransform3d": "augment",
     "contrastive_view": "augment",
+    "contrastive_view_3d": "augment",
     "gaussian_blur": "augment",
     "gaussian_noise": "augment",
     "intensity_jitter": "augment",
     "random_resized_crop": "augment",
+    "random_resized_crop_3d": "augment",
     "rotate": "augment",
     "AIR_HU": "dicom",
     "CTSeries": "dicom",
@@ -74,6 +80,9 @@ _EXPORTS = {
     "SliceRecord": "store",
     "SliceStore": "store",
     "StoreError": "store",
+    "VolumeDataset": "volumes",
+    "resample_volume": "volumes",
+    "read_nifti_hu": "nifti",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -99,17 +108,23 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         GaussianNoise,
         IntensityJitter,
         MultiCropTransform,
+        RandomFlip3d,
         RandomHorizontalFlip,
         RandomResizedCrop,
+        RandomResizedCrop3d,
         RandomRotation,
         RandomVerticalFlip,
         SparkTransform,
+        SparkTransform3d,
         TwoViewTransform,
+        TwoViewTransform3d,
         contrastive_view,
+        contrastive_view_3d,
         gaussian_blur,
         gaussian_noise,
         intensity_jitter,
         random_resized_crop,
+        random_resized_crop_3d,
         rotate,
     )
     from .dicom import (  # noqa: F401
@@ -145,6 +160,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         load_labeled,
         load_medmnist,
     )
+    from .nifti import read_nifti_hu  # noqa: F401
     from .phantom import (  # noqa: F401
         SyntheticCT,
         make_synthetic_ct,
@@ -169,4 +185,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .store import (  # noqa: F401
         SliceRecord,
         SliceStore,
+    )
+    from .volumes import (  # noqa: F401
+        VolumeDataset,
+        resample_volume,
     )

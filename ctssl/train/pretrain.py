@@ -269,7 +269,7 @@ class _Run:
         if ctx.distributed:
             method = convert_batchnorm(method, self.device)
         method.to(self.device)
-        channels_last = cfg.channels_last and self.device.type == "cuda"
+        channels_last = cfg.channels_last and self.device.type == "cuda" and cfg.spatial_dims == 2  # 4-D formats only
         if channels_last:
             method.to(memory_format=torch.channels_last)
         self.method = method
