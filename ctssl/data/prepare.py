@@ -42,6 +42,7 @@ from .dicom import (
     read_header,
     read_slice_hu,
 )
+from .nifti import NIBABEL_MISSING, is_nifti, nibabel_available, nifti_stem, read_nifti_hu
 from .store import (
     HU_DTYPE,
     INDEX_FILE,
@@ -54,7 +55,6 @@ from .store import (
     shard_relpath,
     write_shard_atomic,
 )
-from .nifti import NIBABEL_MISSING, is_nifti, nibabel_available, nifti_stem, read_nifti_hu
 from .workers import WorkerPool, sigint_deferred
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
 _LAYERS = {2: (nn.ConvTranspose2d, nn.Conv2d, nn.BatchNorm2d), 3: (nn.ConvTranspose3d, nn.Conv3d, nn.BatchNorm3d)}
 """(transposed conv, conv, batch norm) of images (2) and volumes (3)."""
 

@@ -580,4 +580,5 @@ def export_backbone(source, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["PretrainConfig", "RunPlan", "TrainingError", "run_pretraining", "make_plan", "build_method",
-           "method_hparams", "open_store", "pretrain_dataset", "export_backbone", "load_run_config", "to_device", "amp_dtype"]
+           "method_hparams", "open_store", "pretrain_dataset", "export_backbone", "load_run_config", "to_device",
+           "amp_dtype"]
