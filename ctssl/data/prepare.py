@@ -421,7 +421,8 @@ def prepare_store(
         if not nifti_files and not any(isinstance(h, SliceHeader) for h in headers) and all(
             h.reason == "not a DICOM file" for h in headers
         ):
-            raise UsageError(f"no DICOM or NIfTI files found in {dicom} ({len(files)} other files)")
+            raise UsageError(f"no DICOM files found in {dicom} ({len(files)} other files; NIfTI volumes, .nii or "
+                             f".nii.gz, are accepted too)")
         series_list, scan_skipped = group_series(headers, min_files=min_files)
 
         skipped_path = out / SKIPPED_FILE
