@@ -94,12 +94,46 @@ def load_image(path: str | os.PathLike, intensity: IntensityMode = "raw") -> np.
     return apply_intensity(hu, intensity)
 
 
+def volume_to_unit(array: np.ndarray, intensity: IntensityMode = "raw") -> np.ndarray:
+    """A volume (D, H, W) to float32 in [0, 1]: 8-bit / 255, booleans and floats in [0, 1] kept, else HU."""
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a volume (D, H, W), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return (array / 255.0).astype(np.float32)
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating) and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+        return array.astype(np.float32)
+    return apply_intensity(array, intensity).astype(np.float32)
+
+
+def resize_volume(volume, size: int) -> torch.Tensor:
+    """(C, D, H, W) or (D, H, W) to ``size``^3 by trilinear interpolation (MedMNIST 3-D volumes are cubes)."""
+    x = torch.as_tensor(volume, dtype=torch.float32)
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(0)
+    if tuple(x.shape[-3:]) != (size,) * 3:
+        x = torch.nn.functional.interpolate(x.unsqueeze(0), size=(size,) * 3, mode="trilinear",
+                                            align_corners=False)[0]
+    return x[0] if squeeze else x
+
+
+def is_volume_array(images: np.ndarray) -> bool:
+    """MedMNIST 3-D ``(N, D, H, W)`` (or ``(N, 1, D, H, W)``), not 2-D RGB ``(N, H, W, 3)``."""
+    return images.ndim == 5 or (images.ndim == 4 and images.shape[-1] not in (3, 4))
+
+
 class LabeledDataset(Dataset):
     """(image, label) pairs; image a float32 (channels, size, size) tensor in [0, 1].
 
-    ``samples`` is a list of file paths or an array of images (N, H, W[, C]). With a
-    ``transform`` the full-size (channels, H, W) tensor goes to it and its result is returned
-    in place of the resized image.
+    ``samples`` is a list of file paths or an array of images (N, H, W[, C]), or with ``volumes`` of
+    volumes (N, D, H, W), returned as (channels, size, size, size). With a ``transform`` the full-size
+    (channels, H, W) or (channels, D, H, W) tensor goes to it and its result is returned in place of the
+    resized sample.
     """
 
     def __init__(
@@ -112,8 +146,12 @@ class LabeledDataset(Dataset):
         channels: int = 1,
         intensity: IntensityMode = "raw",
         transform: Callable[[torch.Tensor], object] | None = None,
+        volumes: bool = False,
     ):
         parse_intensity(intensity)
+        if volumes and not isinstance(samples, np.ndarray):
+            raise ValueError("volumes are read from an array (a MedMNIST 3-D .npz), not from files")
+        self.volumes = volumes
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.samples = samples if isinstance(samples, np.ndarray) else [os.fspath(s) for s in samples]
@@ -131,6 +169,11 @@ class LabeledDataset(Dataset):
         self.transform = transform
 
     @property
+    def spatial_dims(self) -> int:
+        """2: images; 3: volumes."""
+        return 3 if self.volumes else 2
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -138,12 +181,19 @@ class LabeledDataset(Dataset):
         return len(self.labels)
 
     def image(self, i: int) -> np.ndarray:
-        """Sample ``i`` as float32 (H, W) in [0, 1], before channels, size and transform."""
+        """Sample ``i`` as float32 (H, W) (volumes: (D, H, W)) in [0, 1], before channels, size and transform."""
+        if self.volumes:
+            return volume_to_unit(self.samples[i], self.intensity)
         if isinstance(self.samples, np.ndarray):
             return array_to_unit(self.samples[i], self.intensity)
         return load_image(self.samples[i], self.intensity)
 
     def __getitem__(self, i: int):
+        if self.volumes:
+            tensor = torch.from_numpy(self.image(i)).unsqueeze(0).expand(self.channels, -1, -1, -1)
+            if self.transform is not None:
+                return self.transform(tensor), int(self.labels[i])
+            return resize_volume(tensor, self.size).clamp_(0.0, 1.0).contiguous(), int(self.labels[i])
         tensor = to_channels(self.image(i), self.channels)
         if self.transform is not None:
             return self.transform(tensor), int(self.labels[i])
@@ -157,6 +207,7 @@ class LabeledDataset(Dataset):
             samples, self.labels[indices], self.classes,
             [self.patients[i] for i in indices] if self.patients is not None else None,
             self.size, self.channels, self.intensity, self.transform if transform == "same" else transform,
+            self.volumes,
         )
 
     def class_counts(self) -> np.ndarray:
@@ -364,7 +415,8 @@ def load_medmnist(
 ) -> dict[str, LabeledDataset]:
     """A MedMNIST ``.npz`` (``train_images``/``train_labels``, ``val_*``, ``test_*``), splits as given.
 
-    Organ{A,C,S}MNIST files get their organ names as classes.
+    2-D sets hold images (N, H, W[, 3]); 3-D sets (OrganMNIST3D, NoduleMNIST3D, ...) volumes (N, D, H, W),
+    told apart by the arrays' dimensions. Organ{A,C,S}MNIST files get their organ names as classes.
     """
     npz_path = Path(npz_path)
     with np.load(npz_path, allow_pickle=False) as data:
@@ -372,6 +424,11 @@ def load_medmnist(
         if missing:
             raise ValueError(f"{npz_path} is not a MedMNIST file: missing {missing}")
         arrays = {s: (data[f"{s}_images"], data[f"{s}_labels"].reshape(len(data[f"{s}_labels"]), -1)) for s in SPLITS}
+    volumes = {s: is_volume_array(x) for s, (x, _) in arrays.items()}
+    if len(set(volumes.values())) > 1:
+        shapes = ", ".join(f"{s}_images {arrays[s][0].shape}" for s in SPLITS)
+        raise ValueError(f"{npz_path} mixes images and volumes ({shapes})")
+    volumes = volumes["train"]
     for s, (_, y) in arrays.items():
         if y.shape[1] != 1:
             raise ValueError(f"{npz_path}: {s}_labels has {y.shape[1]} columns; multi-label sets are not supported")
@@ -383,7 +440,7 @@ def load_medmnist(
     out = {}
     for s, (x, y) in arrays.items():
         transform = train_transform if s == "train" else eval_transform
-        out[s] = LabeledDataset(x, y[:, 0], classes, None, transform=transform, **dataset_kwargs)
+        out[s] = LabeledDataset(x, y[:, 0], classes, None, transform=transform, volumes=volumes, **dataset_kwargs)
     return out
 
 

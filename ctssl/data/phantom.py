@@ -402,6 +402,65 @@ def labeled_slices(seed: int, patient: int, n_slices: int, size: int = 128) -> t
     return hu, labels
 
 
+VOLUME_NODULE_SCALE = 2.5
+"""Nodules in labeled volumes are this much larger than on labeled slices, so that they stay visible
+(and learnable) in the small volumes (16-64 voxels a side) a CPU fine-tunes on."""
+VOLUME_Z_RANGE = (0.45, 0.75)
+"""Normalised heights a labeled volume spans: the middle of the lungs, where nodules are placed."""
+
+
+def labeled_volume(seed: int, patient: int, size: int, nodule: bool) -> np.ndarray:
+    """One chest volume in HU, (size, size, size) slices of ``VOLUME_Z_RANGE``; with ``nodule`` a ball-shaped
+    lesion inside one lung (one sphere of voxels, a disc of the right radius on each slice it crosses)."""
+    p = patient_params(seed, patient)
+    rng = _rng(seed, patient, 3)  # the anatomy's noise: the same with and without the nodule
+    z = np.linspace(*VOLUME_Z_RANGE, size, dtype=np.float32)
+    nodules: list[Nodule | None] = [None] * size
+    if nodule:
+        where = _rng(seed, patient, 4)
+        centre = int(where.integers(size // 4, size - size // 4))
+        nod = random_nodule(p, float(z[centre]), size, where)
+        radius = nod.radius_px * VOLUME_NODULE_SCALE
+        for i in range(size):
+            d = abs(i - centre)
+            if d < radius:
+                nodules[i] = Nodule(nod.u, nod.v, float(np.sqrt(radius ** 2 - d ** 2)), nod.hu)
+    return np.concatenate([render_slices(p, z[i:i + 16], size, rng, nodules[i:i + 16]) for i in range(0, size, 16)])
+
+
+def labeled_volumes(seed: int, n_volumes: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``n_volumes`` volumes of distinct patients, half with a nodule: uint8 (n, size, size, size) (lung window,
+    as MedMNIST stores them) and labels (n,) (1 = nodule present)."""
+    rng = _rng(seed, 0x3D)
+    labels = rng.permutation(np.arange(n_volumes) % 2).astype(np.int64)
+    volumes = np.zeros((n_volumes, size, size, size), np.uint8)
+    for j, y in enumerate(labels):
+        volumes[j] = window_to_uint8(labeled_volume(seed, 200000 + j, size, bool(y)))
+    return volumes, labels
+
+
+def write_labeled_volumes(path: str | os.PathLike, n_volumes: int, size: int = 32, seed: int = 0,
+                          fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> Path:
+    """A nodule/no-nodule set of volumes in MedMNIST's 3-D ``.npz`` layout (``{split}_images`` (N, D, H, W)
+    uint8, ``{split}_labels`` (N, 1)), split stratified by class; ``ctssl.data.load_medmnist`` reads it."""
+    from ..atomic import replace_atomically
+    from .splits import stratified_split
+
+    if n_volumes < 6:
+        raise ValueError(f"need at least 6 labeled volumes (two classes in three splits), got {n_volumes}")
+    volumes, labels = labeled_volumes(seed, n_volumes, size)
+    arrays = {}
+    for name, idx in zip(("train", "val", "test"), stratified_split(labels, fractions, seed)):
+        arrays[f"{name}_images"] = volumes[idx]
+        arrays[f"{name}_labels"] = labels[idx].reshape(-1, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replace_atomically(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp name
+            np.savez_compressed(f, **arrays)
+    return path
+
+
 def _generate_uid(*parts) -> str:
     from pydicom.uid import generate_uid
 
@@ -646,7 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labeled-slices", type=int, default=16, help="labeled slices per labeled patient")
     parser.add_argument("--labeled-format", choices=("png", "dicom"), default="png")
     parser.add_argument("--no-labeled", action="store_true", help="only the pre-training DICOM tree")
+    parser.add_argument("--volumes", type=int, default=0, metavar="N",
+                        help="also write N labeled volumes (nodule or not) as OUT_DIR/labeled/volumes.npz, in "
+                             "MedMNIST's 3-D layout, for fine-tuning 3-D encoders")
+    parser.add_argument("--volume-size", type=int, default=32, help="side of the labeled volumes in voxels")
     args = parser.parse_args(argv)
+    if args.volumes and (args.volumes < 6 or args.volume_size < 16):
+        print("ctssl-phantoms: error: --volumes must be at least 6 and --volume-size at least 16", file=sys.stderr)
+        return 2
     for name in ("patients", "slices", "size"):
         if getattr(args, name) < 1:
             print(f"ctssl-phantoms: error: --{name} must be at least 1", file=sys.stderr)
@@ -659,8 +725,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out_dir, n_patients=args.patients, slices_per_series=args.slices, size=args.size, seed=args.seed,
         labeled=not args.no_labeled, labeled_slices_per_patient=args.labeled_slices, labeled_format=args.labeled_format,
     )
+    volumes = None
+    if args.volumes:
+        volumes = write_labeled_volumes(Path(args.out_dir) / "labeled" / "volumes.npz", args.volumes,
+                                        args.volume_size, args.seed)
     print(f"ctssl-phantoms: {result.n_series} series ({result.n_slices} slices) in {result.dicom_dir}"
           + (f", {result.n_labeled} labeled slices in {result.labels_csv}" if result.labels_csv else "")
+          + (f", {args.volumes} labeled volumes in {volumes}" if volumes else "")
           + f" in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -1,10 +1,10 @@
 """Training: self-supervised pre-training (``ctssl-train``) and fine-tuning of the backbones.
 
 Pre-training pieces: ``config`` (PretrainConfig, presets), ``pretrain`` (the loop,
-``run_pretraining``), ``checkpoint`` (atomic checkpoints, ``load_backbone_state_dict``,
-``export_backbone``), ``optim`` (LAMB, LARS), ``schedule``, ``distributed`` (DDP, sync BN,
-resumable sampler), ``logger``, ``viz``. Names are imported lazily, so importing one
-submodule does not pull in the others.
+``run_pretraining``), ``checkpoint`` (atomic checkpoints, ``export_backbone``),
+``weights`` (``read_weights``: every weights file ctssl reads, ``--init``), ``optim`` (LAMB,
+LARS), ``schedule``, ``distributed`` (DDP, sync BN, resumable sampler), ``logger``,
+``viz``. Names are imported lazily, so importing one submodule does not pull in the others.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ _LAZY = {
     "run_pretraining": "ctssl.train.pretrain",
     "TrainingError": "ctssl.train.pretrain",
     "CheckpointError": "ctssl.train.checkpoint",
-    "load_backbone_state_dict": "ctssl.train.checkpoint",
+    "read_weights": "ctssl.train.weights",
+    "WeightsError": "ctssl.train.weights",
     "load_checkpoint": "ctssl.train.checkpoint",
     "export_backbone": "ctssl.train.checkpoint",
 }

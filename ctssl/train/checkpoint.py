@@ -87,56 +87,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
-
-
-def load_backbone_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The backbone weights of ``path`` and what is known about them.
-
-    Accepts a ctssl checkpoint (its ``backbone`` entry; meta has method, arch, in_chans, step,
-    epoch, config) or a plain ResNet state_dict (``export_backbone`` output, torchvision weights;
-    meta has ``format="state_dict"`` and ``in_chans`` read from ``conv1.weight``).
-    """
-    obj = read_file(path)
-    if is_ctssl_checkpoint(obj):
-        if obj.get("version") != VERSION:
-            raise CheckpointError(f"{path}: ctssl checkpoint version {obj.get('version')} is not supported")
-        if not _is_state_dict(obj.get("backbone")):
-            raise CheckpointError(f"{path}: ctssl checkpoint has no usable 'backbone' state_dict")
-        meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch", "config")}
-        meta["format"] = FORMAT
-        return dict(obj["backbone"]), meta
-    if _is_state_dict(obj):
-        meta: dict[str, Any] = {"format": "state_dict"}
-        conv1 = obj.get("conv1.weight")
-        if conv1 is not None and conv1.dim() == 4:
-            meta["in_chans"] = int(conv1.shape[1])
-        return dict(obj), meta
-    if isinstance(obj, Mapping):
-        keys = ", ".join(map(str, list(obj)[:6]))
-        raise CheckpointError(f"{path} is neither a ctssl checkpoint nor a plain state_dict (top-level keys: {keys})")
-    raise CheckpointError(f"{path} is neither a ctssl checkpoint nor a plain state_dict ({type(obj).__name__})")
-
-
 def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` detached, contiguous and on the CPU (channels-last undone)."""
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def export_backbone(source: str | os.PathLike | torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write a plain torchvision-compatible ResNet state_dict (fc included) to ``path``, atomically.
+    """Write the backbone as a plain state_dict (torchvision's / timm's keys, classifier included) to ``path``,
+    atomically.
 
-    ``source`` is a ctssl checkpoint path, a plain state_dict path, or the backbone module.
+    ``source`` is the backbone module or any file ``ctssl.train.weights.read_weights`` reads (a ctssl
+    checkpoint, an export, a torchvision / timm / SparK file).
     """
     if isinstance(source, torch.nn.Module):
         state = plain_state_dict(source)
     else:
-        state, _ = load_backbone_state_dict(source)
-        state = {k: v.contiguous() for k, v in state.items()}
+        from .weights import read_weights  # weights reads files through this module
+
+        state = {k: v.contiguous() for k, v in read_weights(source, flag="").backbone.items()}
     return save_atomic(state, path)
 
 
 __all__ = ["FORMAT", "VERSION", "LAST", "FINAL", "CheckpointError", "save_atomic", "load_checkpoint", "read_file",
-           "load_backbone_state_dict", "export_backbone", "plain_state_dict", "is_ctssl_checkpoint"]
+           "export_backbone", "plain_state_dict", "is_ctssl_checkpoint"]

@@ -78,6 +78,9 @@ class PretrainConfig:
     """SparK only: fraction of 32x32 patches hidden from the encoder (None: the method's 0.6)."""
     hparams: dict = field(default_factory=dict)
     """Extra method-specific keyword arguments for ``ctssl.ssl.create_method`` (temperature, queue_size...)."""
+    init: str | None = None
+    """Starting weights (``--init``): a ctssl checkpoint or export, a torchvision / timm / SparK file; tensors load
+    where names and shapes match (``ctssl.train.weights``). Ignored on resume: the checkpoint wins."""
 
     # data
     data: str = ""

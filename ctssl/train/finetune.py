@@ -1,4 +1,7 @@
-"""Fine-tuning a (pre-trained) ResNet backbone with a new linear head: the seed paper's protocol.
+"""Fine-tuning a (pre-trained) encoder with a new linear head: the seed paper's protocol.
+
+Any encoder of the registry fine-tunes (ResNets, ConvNeXts, 3-D ResNets on volumes); its own head
+classifies the globally pooled last stage map, with a new classification layer.
 
 One run = one backbone initialisation x one labeled dataset x one label fraction x one seed.
 The paper's protocol is the default (``config.FINETUNE_PRESETS["paper"]``): ResNet-50, grey
@@ -36,8 +39,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..atomic import OutputError, check_output_dir, remove_stale_temps, write_json
-from ..models import RESNETS, create_resnet
-from .checkpoint import CheckpointError, load_backbone_state_dict, read_file, save_atomic
+from ..models import ENCODERS, create_encoder, encoder_names
+from ..models.registry import SPATIAL_DIMS
+from .checkpoint import CheckpointError, read_file, save_atomic
 from .config import FINETUNE_PRESETS as PRESETS
 from .config import FinetuneConfig, FinetuneError, finetune_config
 from .distributed import resolve_device, seed_everything
@@ -53,6 +57,19 @@ from .finetune_data import (
     training_augmentation,
 )
 from .metrics import classification_metrics
+from .weights import (
+    FAMILY_CONVERTERS,
+    STEM_KEYS,
+    WeightsError,
+    classifier_prefix,
+    encoder_kwargs,
+    family_of_state_dict,
+    head_prefixes,
+    load_matching,
+    read_weights,
+    stem_weight,
+)
+from .weights import infer_arch as weights_infer_arch
 
 METRICS_FILE = "metrics.json"
 BEST_FILE = "best.pt"
@@ -70,68 +87,69 @@ def make_config(preset: str = "paper", **overrides) -> FinetuneConfig:
 
 # ---------------------------------------------------------------- backbone
 
-_BLOCK_COUNTS = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
-}
-
-
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The torchvision ResNet name whose keys ``state_dict`` has, or None."""
-    counts = []
-    for layer in range(1, 5):
-        prefix = f"layer{layer}."
-        blocks = {k[len(prefix):].split(".", 1)[0] for k in state_dict if k.startswith(prefix)}
-        counts.append(len(blocks))
-    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-    return _BLOCK_COUNTS.get((block, tuple(counts)))
-
-
-def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP/wrapper prefixes ("module.", "backbone.", "encoder.") shared by every key."""
-    sd = dict(state_dict)
-    for prefix in ("module.", "backbone.", "encoder."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(backbone state_dict without the classifier, meta with arch / in_chans / method) of a file."""
-    if os.path.isdir(path):
-        inside = [os.path.join(path, n) for n in ("checkpoint_final.pt", "checkpoint_last.pt")
-                  if os.path.isfile(os.path.join(path, n))]
-        hint = f"did you mean --init {inside[0]}?" if inside else "give a checkpoint file"
-        raise FinetuneError(f"--init {path} is a directory; {hint}")
-    if not os.path.isfile(path):
-        raise FinetuneError(f"--init {path}: no such file (give a checkpoint, an exported state_dict or 'random')")
+    """(encoder state_dict in ctssl names without the classifier, meta with arch / in_chans / encoder_kwargs /
+    method) of a file.
+
+    Any layout ``weights.read_weights`` reads (ctssl checkpoint or export, torchvision, timm, SparK); the
+    architecture comes from the checkpoint or, for a plain state_dict, from its tensors (``infer_arch``).
+    """
     try:
-        sd, meta = load_backbone_state_dict(path)
-    except Exception as exc:  # unreadable or foreign file: a user error, not a crash
-        raise FinetuneError(f"--init {path}: cannot read a backbone from it ({type(exc).__name__}: {exc})") from None
-    sd = {k: v for k, v in _strip_prefixes(sd).items() if not k.startswith("fc.")}
-    meta = dict(meta or {})
-    if "conv1.weight" not in sd:
-        raise FinetuneError(f"--init {path}: no ResNet backbone in it (no 'conv1.weight' key)")
-    meta["arch"] = meta.get("arch") or infer_arch(sd)
+        weights = read_weights(path)
+    except WeightsError as exc:
+        raise FinetuneError(str(exc)) from None
+    family = family_of_state_dict(weights.backbone)
+    if family is None:
+        raise FinetuneError(f"--init {path}: no encoder in it (none of {', '.join(STEM_KEYS.values())}, "
+                            f"downsample_layers.0.0.weight; it holds {', '.join(list(weights.backbone)[:3])}, ...)")
+    sd = FAMILY_CONVERTERS[family](weights.backbone)
+    meta = dict(weights.meta)
+    inferred = infer_arch(sd)
+    meta["arch"] = meta.get("arch") or inferred
     if meta["arch"] is None:
-        raise FinetuneError(f"--init {path}: cannot tell which ResNet this is; its keys match none of "
-                            f"{', '.join(RESNETS)}")
-    meta["in_chans"] = int(meta.get("in_chans") or sd["conv1.weight"].shape[1])
+        dims = stem_weight(sd).dim() - 2
+        raise FinetuneError(f"--init {path}: cannot tell which encoder this is; its tensors match none of "
+                            f"{', '.join(encoder_names(dims))}")
+    kwargs = encoder_kwargs(sd)
+    meta["in_chans"] = int(meta.get("in_chans") or kwargs["in_chans"])
+    meta["encoder_kwargs"] = {k: v for k, v in kwargs.items() if k != "in_chans"}
+    if meta["arch"] in ENCODERS:  # the classifier is the file's task, not ours: left out
+        with torch.device("meta"):
+            classifier = classifier_prefix(create_encoder(meta["arch"], **kwargs))
+        sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
     return sd, meta
 
 
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered encoder (ResNet, 3-D ResNet, ConvNeXt) whose tensors ``state_dict`` holds, or None."""
+    return weights_infer_arch(state_dict)
+
+
+def check_arch_dims(arch: str, splits: LabeledSplits, data: str) -> None:
+    """FinetuneError when the encoder's spatial dims (2: images, 3: volumes) differ from the labeled set's."""
+    dims = SPATIAL_DIMS[arch]
+    if dims != splits.spatial_dims:
+        kind = {2: "images (C, H, W)", 3: "volumes (C, D, H, W)"}
+        raise FinetuneError(f"--arch {arch} is a {dims}-D encoder for {kind[dims]}, but --data {data} holds "
+                            f"{splits.spatial_dims}-D samples of shape {tuple(splits.sample_shape)}; choose a "
+                            f"{splits.spatial_dims}-D arch ({', '.join(encoder_names(splits.spatial_dims))})")
+
+
+def _random_in_chans(config: FinetuneConfig, arch: str) -> int:
+    """--in-chans, else the preset's for images and 1 for volumes (grey CT, as the 3-D encoders default)."""
+    if config.in_chans is not None:
+        return config.in_chans
+    return config.random_in_chans if SPATIAL_DIMS[arch] == 2 else 1
+
+
 def build_model(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
-    """The ResNet with a new linear head, loaded from ``config.init``; returns (model, init info)."""
+    """Any registered encoder with a new classification layer, loaded from ``config.init``; (model, init info)."""
     if config.init == "random":
         arch = config.arch or config.random_arch
-        in_chans = config.in_chans or config.random_in_chans
-        if arch not in RESNETS:
-            raise FinetuneError(f"--arch {arch}: unknown; choose one of {', '.join(RESNETS)}")
-        model = create_resnet(arch, num_classes=num_classes, in_chans=in_chans)
+        if arch not in ENCODERS:
+            raise FinetuneError(f"--arch {arch}: unknown; choose one of {', '.join(encoder_names())}")
+        in_chans = _random_in_chans(config, arch)
+        model = create_encoder(arch, num_classes=num_classes, in_chans=in_chans)
         return model, {"arch": arch, "in_chans": in_chans, "method": "random", "source": "random"}
     sd, meta = read_backbone(config.init)
     if config.arch is not None and config.arch != meta["arch"]:
@@ -140,57 +158,73 @@ def build_model(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, di
     if config.in_chans is not None and config.in_chans != meta["in_chans"]:
         raise FinetuneError(f"--in-chans {config.in_chans} does not match the checkpoint {config.init}, "
                             f"whose backbone takes {meta['in_chans']} input channels")
-    model = create_resnet(meta["arch"], num_classes=num_classes, in_chans=meta["in_chans"])
+    if meta["arch"] not in ENCODERS:
+        raise FinetuneError(f"--init {config.init}: its arch {meta['arch']!r} is not a registered encoder "
+                            f"({', '.join(encoder_names())})")
+    model = create_encoder(meta["arch"], num_classes=num_classes, in_chans=meta["in_chans"], **meta["encoder_kwargs"])
+    target = f"{meta['arch']} with {meta['in_chans']} input channels"
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1:3]
-        raise FinetuneError(f"--init {config.init}: weights do not fit a {meta['arch']} with "
-                            f"{meta['in_chans']} input channels: {' '.join(s.strip() for s in first)}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise FinetuneError(f"--init {config.init}: not a complete {meta['arch']} backbone "
-                            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+        report = load_matching(model, sd, source=f"--init {config.init}", target=target,
+                               ignore=(classifier_prefix(model),))
+    except WeightsError as exc:
+        raise FinetuneError(str(exc)) from None
+    heads = head_prefixes(model)
+    missing = [k for k in report.not_in_file if not k.startswith(heads)]
+    if missing or report.mismatched or report.not_in_model:
+        details = [f"missing {missing[:3]}"] if missing else []
+        details += [f"{k}: {list(a)} in the file, {list(b)} in the model" for k, a, b in report.mismatched[:3]]
+        details += [f"unexpected {report.not_in_model[:3]}"] if report.not_in_model else []
+        raise FinetuneError(f"--init {config.init}: not a complete {target} backbone ({'; '.join(details)})")
     info = {k: meta.get(k) for k in ("arch", "in_chans", "method")}
     info["source"] = os.path.abspath(config.init)
+    if meta["encoder_kwargs"]:
+        info["encoder_kwargs"] = meta["encoder_kwargs"]
     for key in ("mean", "std"):
         if meta.get(key) is not None:
             info[key] = list(meta[key])
     return model, info
 
 
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of the classification layer (``fc``, ConvNeXt's ``head.fc``): the new head."""
+    prefix = classifier_prefix(model)
+    return {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+
+
 def backbone_parameters(model: nn.Module):
-    return [p for name, p in model.named_parameters() if not name.startswith("fc.")]
+    head = head_parameter_names(model)
+    return [p for name, p in model.named_parameters() if name not in head]
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool, bn_train: bool) -> None:
-    """Freeze or unfreeze every non-head parameter; ``bn_train`` chooses BatchNorm's mode."""
+    """Freeze or unfreeze every parameter but the classification layer's; ``bn_train`` chooses BatchNorm's mode."""
     for p in backbone_parameters(model):
         p.requires_grad_(trainable)
-    for name, module in model.named_modules():
-        if name and not name.startswith("fc") and isinstance(module, nn.modules.batchnorm._BatchNorm):
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train(bn_train and model.training)
 
 
 # ---------------------------------------------------------------- training
 
 class _InputAdapter(nn.Module):
-    """Grey (B, 1, H, W) in [0, 1] to what the backbone expects: channels copied, normalised."""
+    """Grey (B, 1, H, W) or (B, 1, D, H, W) in [0, 1] to what the backbone expects: channels copied, normalised."""
 
     def __init__(self, in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None):
         super().__init__()
         self.in_chans = in_chans
         if mean is not None:
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
         else:
             self.mean = self.std = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1)
+            x = x.expand(-1, self.in_chans, *x.shape[2:])
         if self.mean is not None:
-            x = (x - self.mean) / self.std
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            x = (x - self.mean.view(shape)) / self.std.view(shape)
         return x
 
 
@@ -381,16 +415,21 @@ def run_finetune(
     positive = positive_index(config, splits.classes)
     seed_everything(config.seed)
     model, info = build_model(config, num_classes)
+    check_arch_dims(info["arch"], splits, config.data)
+    if getattr(model, "norm", None) == "instance" and config.image_size < 2 * model.patch_size:
+        raise FinetuneError(f"--image-size {config.image_size}: a {info['arch']} with InstanceNorm needs at least "
+                            f"{2 * model.patch_size} (its last stage map must hold more than one voxel)")
     mean, std = _normalization(config, info, info["in_chans"])
     adapter = _InputAdapter(info["in_chans"], mean, std).to(device)
     model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and splits.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)
     name = config.name or (info.get("method") or "pretrained")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # of a checkpoint write that was killed
 
-    train_ds = train_view(splits.train, indices, training_augmentation(config.augment, config.image_size))
+    train_ds = train_view(splits.train, indices, training_augmentation(config.augment, config.image_size,
+                                                                    splits.spatial_dims))
     generator = torch.Generator().manual_seed(config.seed)
     drop_last = len(train_ds) > config.batch_size and len(train_ds) % config.batch_size == 1
     train_loader = _loader(train_ds, config.batch_size, True, config.workers, device, generator, drop_last)
@@ -398,7 +437,8 @@ def run_finetune(
     test_loader = _loader(splits.test, config.batch_size * 2, False, config.workers, device)
     optimizer = make_adam(model, config, device)
     recal_loader = None
-    if config.bn_recalibrate > 0 and not config.linear_probe:  # a linear probe keeps the backbone's statistics
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # ConvNeXt: none
+    if config.bn_recalibrate > 0 and not config.linear_probe and has_bn:  # a linear probe keeps the statistics
         recal_ds = recalibration_view(splits.train, indices, config.bn_recalibrate, config.seed)
         recal_loader = _loader(recal_ds, config.batch_size * 2, False, config.workers, device)
 
@@ -487,6 +527,6 @@ def copy_config(config: FinetuneConfig, **changes) -> FinetuneConfig:
 
 
 __all__ = ["FinetuneConfig", "FinetuneError", "PRESETS", "make_config", "copy_config", "run_finetune", "read_backbone",
-           "build_model", "infer_arch", "train_one_epoch", "predict", "recalibrate_bn", "load_splits",
-           "select_fraction", "positive_index", "recalibration_view", "LabeledSplits", "PreloadedImages",
+           "build_model", "infer_arch", "check_arch_dims", "train_one_epoch", "predict", "recalibrate_bn",
+           "load_splits", "select_fraction", "positive_index", "recalibration_view", "LabeledSplits", "PreloadedImages",
            "METRICS_FILE", "BEST_FILE", "LAST_FILE", "write_json_atomic"]

@@ -1,4 +1,4 @@
-"""``ctssl-finetune``: fine-tune or linear-probe a ResNet backbone on a labeled set.
+"""``ctssl-finetune``: fine-tune or linear-probe an encoder (ResNet, ConvNeXt, 3-D ResNet) on a labeled set.
 
 Examples::
 
@@ -7,6 +7,8 @@ Examples::
         --fraction 0.1 --fractions-file covid_fractions.json
     # a quick CPU run from random weights
     ctssl-finetune --data organsmnist.npz --init random --preset toy --out ft/random
+    # volumes (a MedMNIST 3-D .npz) with a 3-D ResNet
+    ctssl-finetune --data organmnist3d.npz --init random --arch resnet18_3d --preset toy --image-size 32 --out ft/3d
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="intensity mode for HU images: raw (default), lung, window:L,W, ...")
 
 
+def _arch_choices() -> list[str]:
+    from ..models import encoder_names
+
+    return encoder_names()
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the fine-tuning protocol (shared with ctssl-sweep); None = the preset's value."""
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                    help="paper: the seed paper's protocol (default); toy: minutes on a CPU; test: seconds")
-    g.add_argument("--arch", default=None, help="ResNet name; default: the checkpoint's (random init: the preset's)")
+    g.add_argument("--arch", default=None, choices=_arch_choices(),
+                   help="encoder: a ResNet, ConvNeXt or 3-D ResNet (for volumes); default: the checkpoint's "
+                        "(random init: the preset's)")
     g.add_argument("--in-chans", type=int, default=None, choices=(1, 3),
                    help="backbone input channels; default: the checkpoint's (random init: the preset's)")
     g.add_argument("--epochs", type=int, default=None)
@@ -111,12 +121,13 @@ def config_from_args(args: argparse.Namespace, **fixed) -> FinetuneConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Fine-tune a ResNet backbone (a ctssl checkpoint of any method, an exported torchvision "
-                    "state_dict, or random weights) with a new linear head; select the epoch on validation "
+        description="Fine-tune an encoder (a ctssl checkpoint of any method, an exported, torchvision, timm or "
+                    "SparK state_dict, or random weights) with a new linear head; select the epoch on validation "
                     "accuracy and write the test metrics to OUT/metrics.json.",
     )
     parser.add_argument("--init", default="random", metavar="random|PATH",
-                        help="backbone weights: 'random', a ctssl checkpoint, or an exported state_dict")
+                        help="backbone weights: 'random', a ctssl checkpoint, or an exported, torchvision, timm or "
+                             "SparK state_dict")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, best.pt)")
     parser.add_argument("--name", default=None, help="method label in metrics.json (default: the checkpoint's method)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (head init, shuffling, augmentation)")

@@ -1,6 +1,6 @@
 """Fine-tuning data: the labeled set's splits decoded once, the few-label fraction of a run, transforms.
 
-``load_splits`` reads a CSV, class folders or a MedMNIST ``.npz`` (``ctssl.data.labeled``), refuses
+``load_splits`` reads a CSV, class folders or a MedMNIST ``.npz``, 2-D or 3-D (``ctssl.data.labeled``), refuses
 sets a classifier cannot be trained on (fewer than two classes) and notes classes with very few
 images or missing from a split; ``select_fraction`` picks a run's training images from the nested
 fractions file, so every method fine-tunes on the same ones.
@@ -25,65 +25,111 @@ from .config import FinetuneConfig, FinetuneError
 log = logging.getLogger(__name__)
 
 
-def training_augmentation(kind: str, size: int):
-    """``--augment``: none (the evaluation resize), flip, or crop (RandomResizedCrop 0.8-1 + flip)."""
+def training_augmentation(kind: str, size: int, spatial_dims: int = 2):
+    """``--augment``: none (the evaluation resize), flip, or crop (RandomResizedCrop 0.8-1 + flip).
+
+    Volumes (``spatial_dims`` 3): flip mirrors each axis with probability 1/2; crop takes a random box of
+    0.8-1 of each side, resized to ``size``^3, then flips.
+    """
     from ..data.augment import Compose, RandomHorizontalFlip, RandomResizedCrop
 
+    if kind not in ("none", "flip", "crop"):
+        raise FinetuneError(f"--augment {kind}: unknown; choose none, flip or crop")
     if kind == "none":
         return None
+    if spatial_dims == 3:
+        first = _Resize(size, 3) if kind == "flip" else RandomResizedCrop3d(size, scale=(0.8, 1.0))
+        return Compose([first, RandomFlip3d(0.5)])
     if kind == "flip":
         return Compose([_Resize(size), RandomHorizontalFlip(0.5)])
-    if kind == "crop":
-        return Compose([RandomResizedCrop(size, scale=(0.8, 1.0)), RandomHorizontalFlip(0.5)])
-    raise FinetuneError(f"--augment {kind}: unknown; choose none, flip or crop")
+    return Compose([RandomResizedCrop(size, scale=(0.8, 1.0)), RandomHorizontalFlip(0.5)])
 
 
 class _Resize:
-    """Shorter side to ``size`` then centre crop: the evaluation transform."""
+    """The evaluation transform: images: shorter side to ``size`` then centre crop; volumes: trilinear to ``size``^3."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, spatial_dims: int = 2):
+        self.size, self.spatial_dims = size, spatial_dims
 
     def __call__(self, x, generator=None):
+        if self.spatial_dims == 3:
+            from ..data.labeled import resize_volume
+
+            return resize_volume(x, self.size)
         from ..data.intensity import resize_shorter_and_center_crop
 
         return resize_shorter_and_center_crop(x, self.size)
 
 
+class RandomFlip3d:
+    """Mirror a (C, D, H, W) volume along each spatial axis independently with probability ``p``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, x, generator=None):
+        flips = [d for d in (-3, -2, -1) if float(torch.rand((), generator=generator)) < self.p]
+        return x.flip(flips) if flips else x
+
+
+class RandomResizedCrop3d:
+    """A random box of ``scale`` (per side) of a (C, D, H, W) volume, resized trilinearly to ``size``^3."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.8, 1.0)):
+        self.size, self.scale = size, scale
+
+    def __call__(self, x, generator=None):
+        from ..data.labeled import resize_volume
+
+        box = []
+        for n in x.shape[-3:]:
+            side = max(1, round(n * (self.scale[0] + (self.scale[1] - self.scale[0])
+                                     * float(torch.rand((), generator=generator)))))
+            start = int(torch.randint(0, n - side + 1, (), generator=generator))
+            box.append(slice(start, start + side))
+        return resize_volume(x[(..., *box)], self.size)
+
+
 class PreloadedImages(Dataset):
-    """Decoded grey images (1, H, W) held in memory, with an optional random transform.
+    """Decoded grey images (1, H, W) or volumes (1, D, H, W) held in memory, with an optional random transform.
 
     Fine-tuning reads each image once per epoch for tens of epochs, and the sweep fine-tunes
     many times on the same set: decoding PNG/DICOM once saves most of the CPU time.
     """
 
-    def __init__(self, images: Sequence[torch.Tensor], labels: np.ndarray, size: int, transform=None):
+    def __init__(self, images: Sequence[torch.Tensor], labels: np.ndarray, size: int, transform=None,
+                 spatial_dims: int = 2):
         self.images, self.labels, self.size, self.transform = list(images), np.asarray(labels), size, transform
+        self.spatial_dims = spatial_dims
 
     @classmethod
     def from_dataset(cls, ds, size: int, transform=None) -> "PreloadedImages":
         """Every image of ``ds`` decoded; ValueError naming the first file that cannot be read."""
         from ..data.intensity import to_channels
 
+        dims = getattr(ds, "spatial_dims", 2)
         images = []
         for i in range(len(ds)):
             try:
-                images.append(to_channels(ds.image(i), 1))
+                image = ds.image(i)
+                images.append(torch.as_tensor(image, dtype=torch.float32).unsqueeze(0) if dims == 3
+                              else to_channels(image, 1))
             except Exception as exc:  # a damaged PNG / DICOM: name it instead of a decoder traceback
                 name = ds.samples[i] if isinstance(ds.samples, list) else f"image {i}"
                 raise ValueError(f"cannot read {name} ({type(exc).__name__}: {exc})") from None
-        return cls(images, ds.labels, size, transform)
+        return cls(images, ds.labels, size, transform, dims)
 
     def with_transform(self, indices=None, transform=None) -> "PreloadedImages":
         idx = range(len(self.images)) if indices is None else [int(i) for i in indices]
-        return PreloadedImages([self.images[i] for i in idx], self.labels[list(idx)], self.size, transform)
+        return PreloadedImages([self.images[i] for i in idx], self.labels[list(idx)], self.size, transform,
+                               self.spatial_dims)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         x = self.images[i]
-        x = self.transform(x) if self.transform is not None else _Resize(self.size)(x)
+        x = self.transform(x) if self.transform is not None else _Resize(self.size, self.spatial_dims)(x)
         return x.clamp(0.0, 1.0).contiguous(), int(self.labels[i])
 
 
@@ -99,6 +145,10 @@ class LabeledSplits:
     source: str
     notes: list = field(default_factory=list)
     """Warnings about the labels (classes with very few images or missing from a split), already logged."""
+    spatial_dims: int = 2
+    """2: images (C, H, W); 3: volumes (C, D, H, W)."""
+    sample_shape: tuple = ()
+    """The shape of one sample as stored (before channels and resizing), for messages."""
 
 
 def _split_lists_arg(split_lists: Mapping[str, Sequence[str]]):
@@ -147,8 +197,10 @@ def load_splits(config: FinetuneConfig) -> LabeledSplits:
             raise FinetuneError(f"--data {config.data}: {exc}") from None
     else:
         parts = {s: splits[s] for s in ("train", "val", "test")}
+    dims = getattr(train, "spatial_dims", 2)
     return LabeledSplits(parts["train"], parts["val"], parts["test"], list(train.classes),
-                         np.asarray(train.labels), os.path.abspath(config.data), notes)
+                         np.asarray(train.labels), os.path.abspath(config.data), notes, dims,
+                         tuple(np.shape(splits["train"].image(0))))
 
 
 FEW_IMAGES = 5

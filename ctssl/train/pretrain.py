@@ -46,6 +46,7 @@ from .logger import LOG_FILE, Progress, RunLogger, truncate_log
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import TrainingSchedule, build_schedule
 from .viz import plot_loss_curve, save_image_grid
+from .weights import apply_init
 
 CONFIG_FILE = "config.json"
 VIS_DIR = "vis"
@@ -246,6 +247,8 @@ class _Run:
                               f"or choose another --out (or pass --overwrite)")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.method = build_method(cfg, self.plan)
+        self.init_lines = apply_init(self.method, cfg, resuming=self.resumed is not None,
+                                     log=print if ctx.is_main else None)  # --init: before the optimizer exists
         try:
             self.dataset.transform = self.method.train_transform(cfg.input_size)
         except ValueError as exc:
@@ -575,7 +578,7 @@ def load_run_config(path: str | os.PathLike) -> PretrainConfig:
 
 
 def export_backbone(source, path: str | os.PathLike) -> Path:
-    """Write a plain torchvision ResNet state_dict (fc included); see ``checkpoint.export_backbone``."""
+    """Write the backbone as a plain state_dict (torchvision / timm keys); see ``checkpoint.export_backbone``."""
     return ckpt_io.export_backbone(source, path)
 
 

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto (default) is bf16 autocast on a GPU and none on the CPU; fp16 "
                         "needs a GPU")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--init", metavar="PATH",
+                   help="start from these weights (ctssl checkpoint or export, torchvision, timm, SparK release): "
+                        "tensors load where names and shapes match, every other one is listed; ignored on --resume")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help=f"continue from PATH (default OUT/{LAST})")
     p.add_argument("--export", metavar="PATH", help="after training, write the backbone as a plain state_dict "
@@ -93,7 +96,7 @@ _FLAG_FIELDS = {
     "backend": "backend", "data": "data", "out": "out", "arch": "arch", "in_chans": "in_chans",
     "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "crop_size": "crop_size",
     "volume_spacing": "volume_spacing", "lr": "lr", "mask_ratio": "mask_ratio",
-    "seed": "seed", "device": "device", "amp": "amp", "workers": "workers",
+    "seed": "seed", "device": "device", "amp": "amp", "workers": "workers", "init": "init",
 }
 
 

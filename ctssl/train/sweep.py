@@ -159,6 +159,12 @@ def run_sweep(
         methods[RANDOM_NAME] = RANDOM_NAME
 
     splits = ft.load_splits(base)
+    archs = {arch for arch, _ in infos.values()}
+    if include_random:
+        archs.add(random_config.arch or random_config.random_arch)
+    for arch in sorted(archs):  # a 2-D encoder on volumes (or the reverse): one error before any training
+        if arch in ft.ENCODERS:
+            ft.check_arch_dims(arch, splits, base.data)
     ff_path = Path(fractions_file) if fractions_file else out / "fractions.json"
     _check_manifest(out, methods, base)
     ensure_fractions_file(ff_path, splits.train_labels, fractions, base.fraction_seed)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes survive a crash mid-save; reads accept ctssl checkpoints and plain state_dicts only."""
+"""Checkpoints: atomic writes survive a crash mid-save; exports read back through the one weights reader."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +14,11 @@ from ctssl.train.checkpoint import (
     LAST,
     CheckpointError,
     export_backbone,
-    load_backbone_state_dict,
     load_checkpoint,
     save_atomic,
 )
 from ctssl.train.pretrain import TrainingError, run_pretraining
+from ctssl.train.weights import WeightsError, encoder_kwargs, read_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -70,14 +70,16 @@ def test_trainer_crash_while_checkpointing_keeps_the_last_good_one(pretrain_stor
 def test_backbone_state_dict_from_a_checkpoint_and_from_plain_files(pretrain_store, tiny_config, tmp_path):
     cfg = tiny_config("spark", pretrain_store, tmp_path / "run", in_chans=3, max_steps=1)
     final = run_pretraining(cfg)
-    state, meta = load_backbone_state_dict(final)
+    weights = read_weights(final)
+    state, meta = weights.backbone, weights.meta
     assert (meta["format"], meta["method"], meta["arch"], meta["in_chans"], meta["step"]) == \
         ("ctssl-checkpoint", "spark", "resnet18", 3, 1)
     assert meta["config"]["image_size"] == 64
 
     exported = export_backbone(final, tmp_path / "resnet18.pt")
-    plain, plain_meta = load_backbone_state_dict(exported)
-    assert plain_meta == {"format": "state_dict", "in_chans": 3}
+    plain_file = read_weights(exported)
+    plain = plain_file.backbone
+    assert plain_file.meta == {"format": "state_dict"} and encoder_kwargs(plain) == {"in_chans": 3}
     assert set(plain) == set(state) and all(torch.equal(plain[k], state[k]) for k in state)
     model = torchvision.models.resnet18()
     model.load_state_dict(plain, strict=True)
@@ -85,21 +87,21 @@ def test_backbone_state_dict_from_a_checkpoint_and_from_plain_files(pretrain_sto
 
     torchvision_file = tmp_path / "torchvision.pt"
     torch.save(torchvision.models.resnet18().state_dict(), torchvision_file)
-    assert load_backbone_state_dict(torchvision_file)[1]["in_chans"] == 3
+    assert encoder_kwargs(read_weights(torchvision_file).backbone) == {"in_chans": 3}
 
 
 def test_unreadable_or_foreign_files_give_a_clear_error(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"garbage\.pt is corrupt"):
-        load_backbone_state_dict(garbage)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_backbone_state_dict(tmp_path / "missing.pt")
+    with pytest.raises(WeightsError, match=r"garbage\.pt is corrupt"):
+        read_weights(garbage)
+    with pytest.raises(WeightsError, match="no such file"):
+        read_weights(tmp_path / "missing.pt")
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"epoch": 3, "notes": "not weights"}, foreign)
-    with pytest.raises(CheckpointError, match="neither a ctssl checkpoint nor a plain state_dict"):
-        load_backbone_state_dict(foreign)
+    with pytest.raises(WeightsError, match="neither a ctssl checkpoint nor a state_dict"):
+        read_weights(foreign)
     with pytest.raises(CheckpointError, match="not a ctssl checkpoint"):
         load_checkpoint(foreign)
 
@@ -192,8 +194,8 @@ def test_unreadable_files_do_not_pass_on_torchs_advice_to_load_unsafely(tmp_path
     truncated.write_bytes(truncated.read_bytes()[:2000])
     for path, expected in ((garbage, "is corrupt or not a torch file"), (truncated, "is corrupt"),
                            (pickled, "holds Python objects other than tensors")):
-        with pytest.raises(CheckpointError) as info:
-            load_backbone_state_dict(path)
+        with pytest.raises(WeightsError) as info:
+            read_weights(path)
         message = str(info.value)
         assert str(path) in message and expected in message and "\n" not in message
         assert "weights_only" not in message and "arbitrary code" not in message
