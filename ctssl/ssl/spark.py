@@ -120,8 +120,10 @@ class SparK(SSLMethod):
     def __init__(self, encoder: nn.Module, backend: str | Backend = "auto", **hparams):
         super().__init__(encoder, backend, **hparams)
         if backend != "auto":
-            # unknown or unusable names, and backends without the encoder's ops, fail here, before any step
-            get_backend(backend, ops=encoder.sparse_ops, model=type(encoder).__name__)
+            # unknown or unusable names, backends without the encoder's ops or its grids (cuda, minkowski: 2-D only)
+            # fail here, before any step
+            get_backend(backend, ops=encoder.sparse_ops, model=type(encoder).__name__).check_spatial_dims(
+                spatial_dims_of(encoder))
         hp = self.hparams
         if not 0.0 < hp["mask_ratio"] < 1.0:
             raise ValueError(f"spark: mask_ratio must be in (0, 1), got {hp['mask_ratio']}")
@@ -175,10 +177,18 @@ class SparK(SSLMethod):
         (images or volumes)."""
         return [self.densify_projs[i](self.fill_masked(i, f)) for i, f in enumerate(reversed(features))]
 
+    def engine(self, device: torch.device) -> Backend:
+        """The backend of this method on ``device``. ``auto`` on volumes never picks a 2-D-only backend: when its
+        pick cannot take the encoder's grids (the cuda backend is 2-D only) the torch backend runs instead."""
+        ops, model = self.backbone.sparse_ops, type(self.backbone).__name__
+        backend = get_backend(self.backend, device, ops=ops, model=model)
+        if isinstance(self.backend, str) and self.backend == "auto" and self.input_dims not in backend.spatial_dims:
+            backend = get_backend("torch", device, ops=ops, model=model)
+        return backend
+
     def reconstruct(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Decoder output ``(B, C, H, W)`` (``(B, C, D, H, W)`` for volumes) in per-patch normalised units."""
-        backend = get_backend(self.backend, images.device, ops=self.backbone.sparse_ops,
-                              model=type(self.backbone).__name__)
+        backend = self.engine(images.device)
         features = self.backbone.forward_masked(images, active, backend, return_sparse=True,
                                                 check_finite=self.hparams["check_finite"])
         return self.decoder(self.densify(features))

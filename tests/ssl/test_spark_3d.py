@@ -143,3 +143,28 @@ def test_bad_volume_inputs_fail_clearly():
         m.random_mask(torch.rand(1, 1, 64, 48, 64))
     crops = m.train_transform(64)(torch.rand(1, 80, 72, 64), generator=torch.Generator().manual_seed(0))
     assert crops.shape == (1, 64, 64, 64)
+
+
+def test_named_2d_only_backend_is_refused_at_construction_and_auto_avoids_it(monkeypatch):
+    from ctssl.sparse import BackendUnavailableError
+    from ctssl.sparse.backends.base import Backend
+    from ctssl.ssl import spark as spark_module
+
+    class Flat(type(get_backend("torch"))):
+        """The torch backend claiming 2-D grids only, like the cuda and minkowski backends."""
+
+        name = "flat"
+        spatial_dims = (2,)
+
+    real = spark_module.get_backend
+
+    def fake_get_backend(name, *args, **kwargs):
+        return Flat() if name in ("flat", "auto") else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(spark_module, "get_backend", fake_get_backend)
+    encoder = ResNet(BasicBlock, (1, 1, 1, 1), in_chans=1, spatial_dims=3)
+    with pytest.raises((BackendUnavailableError, ValueError), match="3-D"):
+        create_method("spark", encoder, backend="flat", decoder_width=32)
+    m = create_method("spark", encoder, backend="auto", decoder_width=32)
+    engine = m.engine(torch.device("cpu"))
+    assert isinstance(engine, Backend) and engine.name == "torch"
