@@ -1,6 +1,7 @@
 """CT data for ctssl: DICOM reading, the prepared slice store, datasets, splits, augmentations.
 
-Pre-training: ``ctssl-prepare DICOM_DIR OUT_DIR`` once, then ``PretrainDataset(OUT_DIR)``.
+Pre-training: ``ctssl-prepare DICOM_DIR OUT_DIR`` once (DICOM series and NIfTI volumes), then
+``PretrainDataset(OUT_DIR)`` (slices) or ``VolumeDataset(OUT_DIR)`` (random 3-D crops of the series).
 Fine-tuning: ``load_labeled(csv | folder | npz)`` and ``nested_fractions`` for few-label runs.
 No real data at hand: ``make_synthetic_ct`` writes a phantom DICOM tree and a labeled set.
 
