@@ -14,7 +14,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 start=$(date +%s)
-if ! pip install -v --no-build-isolation -e ".[test,spconv]" > .venv/ctssl-install.log 2>&1; then
+if ! pip install -v --no-build-isolation -e ".[test,spconv,nifti]" > .venv/ctssl-install.log 2>&1; then
     tail -60 .venv/ctssl-install.log >&2
     echo "setup.sh: installing ctssl failed (full log: .venv/ctssl-install.log)" >&2
     exit 1

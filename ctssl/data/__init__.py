@@ -1,6 +1,7 @@
 """CT data for ctssl: DICOM reading, the prepared slice store, datasets, splits, augmentations.
 
-Pre-training: ``ctssl-prepare DICOM_DIR OUT_DIR`` once, then ``PretrainDataset(OUT_DIR)``.
+Pre-training: ``ctssl-prepare DICOM_DIR OUT_DIR`` once (DICOM series and NIfTI volumes), then
+``PretrainDataset(OUT_DIR)`` (slices) or ``VolumeDataset(OUT_DIR)`` (random 3-D crops of the series).
 Fine-tuning: ``load_labeled(csv | folder | npz)`` and ``nested_fractions`` for few-label runs.
 No real data at hand: ``make_synthetic_ct`` writes a phantom DICOM tree and a labeled set.
 
@@ -19,17 +20,23 @@ _EXPORTS = {
     "GaussianNoise": "augment",
     "IntensityJitter": "augment",
     "MultiCropTransform": "augment",
+    "RandomFlip3d": "augment",
     "RandomHorizontalFlip": "augment",
     "RandomResizedCrop": "augment",
+    "RandomResizedCrop3d": "augment",
     "RandomRotation": "augment",
     "RandomVerticalFlip": "augment",
     "SparkTransform": "augment",
+    "SparkTransform3d": "augment",
     "TwoViewTransform": "augment",
+    "TwoViewTransform3d": "augment",
     "contrastive_view": "augment",
+    "contrastive_view_3d": "augment",
     "gaussian_blur": "augment",
     "gaussian_noise": "augment",
     "intensity_jitter": "augment",
     "random_resized_crop": "augment",
+    "random_resized_crop_3d": "augment",
     "rotate": "augment",
     "AIR_HU": "dicom",
     "CTSeries": "dicom",
@@ -74,6 +81,9 @@ _EXPORTS = {
     "SliceRecord": "store",
     "SliceStore": "store",
     "StoreError": "store",
+    "VolumeDataset": "volumes",
+    "resample_volume": "volumes",
+    "read_nifti_hu": "nifti",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -99,17 +109,23 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         GaussianNoise,
         IntensityJitter,
         MultiCropTransform,
+        RandomFlip3d,
         RandomHorizontalFlip,
         RandomResizedCrop,
+        RandomResizedCrop3d,
         RandomRotation,
         RandomVerticalFlip,
         SparkTransform,
+        SparkTransform3d,
         TwoViewTransform,
+        TwoViewTransform3d,
         contrastive_view,
+        contrastive_view_3d,
         gaussian_blur,
         gaussian_noise,
         intensity_jitter,
         random_resized_crop,
+        random_resized_crop_3d,
         rotate,
     )
     from .dicom import (  # noqa: F401
@@ -145,6 +161,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         load_labeled,
         load_medmnist,
     )
+    from .nifti import read_nifti_hu  # noqa: F401
     from .phantom import (  # noqa: F401
         SyntheticCT,
         make_synthetic_ct,
@@ -169,4 +186,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .store import (  # noqa: F401
         SliceRecord,
         SliceStore,
+    )
+    from .volumes import (  # noqa: F401
+        VolumeDataset,
+        resample_volume,
     )

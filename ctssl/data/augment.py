@@ -301,3 +301,104 @@ class MultiCropTransform:
     def __call__(self, x, generator=None) -> list[torch.Tensor]:
         views = [self.global_view(x, generator=generator) for _ in range(self.n_global)]
         return views + [self.local_view(x, generator=generator) for _ in range(self.n_local)]
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes: (C, D, H, W) crops of a resampled CT series, in [0, 1]
+# ---------------------------------------------------------------------------------------------
+
+Triple = tuple[int, int, int]
+
+
+def _as_size3(size: int | Sequence[int]) -> Triple:
+    return (int(size),) * 3 if isinstance(size, int) else (int(size[0]), int(size[1]), int(size[2]))
+
+
+def crop_box_3d(shape: Sequence[int], scale: Pair, ratio: Pair,
+                generator: torch.Generator | None = None) -> tuple[Triple, Triple]:
+    """(start, size) per axis of a random box covering ``scale`` of the volume, its sides' ratios to the
+    cube of that volume each in ``ratio``.
+
+    The 3-D form of ``crop_box``: a target volume fraction, three log-uniform side factors normalised
+    to a product of 1, ten tries, then the whole volume.
+    """
+    shape = tuple(int(s) for s in shape)
+    volume = math.prod(shape)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        side = (volume * _uniform(scale[0], scale[1], generator)) ** (1.0 / 3.0)
+        logs = [_uniform(log_ratio[0], log_ratio[1], generator) for _ in range(3)]
+        mean = sum(logs) / 3.0
+        size = tuple(int(round(side * math.exp(v - mean))) for v in logs)
+        if all(0 < s <= n for s, n in zip(size, shape)):
+            start = tuple(int(torch.randint(0, n - s + 1, (), generator=generator)) for s, n in zip(size, shape))
+            return start, size
+    return (0, 0, 0), shape
+
+
+def _resize3d(x: torch.Tensor, size: Triple) -> torch.Tensor:
+    if tuple(x.shape[-3:]) == size:
+        return x
+    return F.interpolate(x[None], size=size, mode="trilinear", align_corners=False)[0]
+
+
+def random_resized_crop_3d(x: torch.Tensor, size: int | Sequence[int], scale: Pair = (0.08, 1.0),
+                           ratio: Pair = (3 / 4, 4 / 3), generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop a random box (volume fraction ``scale``) of ``x`` ``(C, D, H, W)``, resize to ``size`` (trilinear)."""
+    start, box = crop_box_3d(x.shape[-3:], scale, ratio, generator)
+    (d, h, w), (bd, bh, bw) = start, box
+    return _resize3d(x[..., d:d + bd, h:h + bh, w:w + bw], _as_size3(size))
+
+
+class RandomResizedCrop3d:
+    def __init__(self, size: int | Sequence[int], scale: Pair = (0.08, 1.0), ratio: Pair = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = _as_size3(size), tuple(scale), tuple(ratio)
+
+    def __call__(self, x, generator=None):
+        return random_resized_crop_3d(x, self.size, self.scale, self.ratio, generator)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop3d({self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomFlip3d:
+    """Flip each of the depth, height and width axes independently with probability ``p``."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, x, generator=None):
+        axes = [axis for axis in (-3, -2, -1) if _coin(self.p, generator)]
+        return x.flip(axes) if axes else x
+
+
+class SparkTransform3d:
+    """SparK's augmentation of a volume crop: RandomResizedCrop3d(size, scale=(0.67, 1)) + flips of all three axes."""
+
+    def __init__(self, size: int = 64, scale: Pair = (0.67, 1.0), ratio: Pair = (3 / 4, 4 / 3), flip: float = 0.5):
+        self.pipeline = Compose([RandomResizedCrop3d(size, scale, ratio), RandomFlip3d(flip)])
+
+    def __call__(self, x, generator=None) -> torch.Tensor:
+        return self.pipeline(x, generator=generator)
+
+
+def contrastive_view_3d(size: int = 64, scale: Pair = (0.2, 1.0), jitter: float = 0.4, jitter_p: float = 0.8,
+                        flip: float = 0.5, noise_std: float = 0.03, noise_p: float = 0.5) -> Compose:
+    """One view of a volume crop: random resized 3-D crop, flips of all three axes, brightness/contrast jitter,
+    Gaussian noise. Kept simple on purpose: no rotation and no blur in 3-D."""
+    return Compose([
+        RandomResizedCrop3d(size, scale),
+        RandomFlip3d(flip),
+        IntensityJitter(jitter, jitter, jitter_p),
+        GaussianNoise(noise_std, noise_p),
+    ])
+
+
+class TwoViewTransform3d:
+    """Two independently augmented views of one volume crop (SimCLR / MoCo v2 / BYOL in 3-D)."""
+
+    def __init__(self, size: int = 64, scale: Pair = (0.2, 1.0), **view_kwargs):
+        self.views = [contrastive_view_3d(size, scale, **view_kwargs) for _ in range(2)]
+
+    def __call__(self, x, generator=None) -> list[torch.Tensor]:
+        return [view(x, generator=generator) for view in self.views]

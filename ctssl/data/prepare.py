@@ -1,5 +1,9 @@
 """``ctssl-prepare``: convert a DICOM tree once into a slice store that training reads fast.
 
+NIfTI volumes (``.nii``, ``.nii.gz``, with nibabel installed) below the same directory are
+converted too, each file one series (``ctssl.data.nifti``: reoriented to the store's
+convention, slice positions from the affine); the store then serves slices and volumes alike.
+
 The run is resumable and never loses finished work: each series is written to a temp file and
 renamed into place, and only then appended to the index; a rerun skips every indexed series.
 Files that cannot be used (corrupt, truncated, non-image, non-CT, undecodable) are listed in
@@ -38,6 +42,7 @@ from .dicom import (
     read_header,
     read_slice_hu,
 )
+from .nifti import NIBABEL_MISSING, is_nifti, nibabel_available, nifti_stem, read_nifti_hu
 from .store import (
     HU_DTYPE,
     INDEX_FILE,
@@ -95,6 +100,23 @@ class _SeriesJob:
     out_dir: str
     dicom_dir: str
     settings: PrepareSettings
+
+
+@dataclass(frozen=True)
+class _NiftiJob:
+    path: str
+    out_dir: str
+    root_dir: str
+    settings: PrepareSettings
+
+    @property
+    def series(self) -> str:
+        """The series ID of a NIfTI file: ``nifti:`` and its path below the prepared directory."""
+        return nifti_series_id(self.path, self.root_dir)
+
+
+def nifti_series_id(path: str, root_dir: str) -> str:
+    return "nifti:" + os.path.relpath(path, root_dir).replace(os.sep, "/")
 
 
 @dataclass
@@ -197,16 +219,53 @@ def _single_threaded_children():
                 os.environ[key] = value
 
 
-def _converted(pool: WorkerPool | None, jobs: Sequence[_SeriesJob]):
+def convert_nifti(job: _NiftiJob) -> _SeriesResult:
+    """Read, convert and write one NIfTI volume as an int16 shard; runs in a worker process."""
+    rel = os.path.relpath(job.path, job.root_dir)
+    series = job.series
+    try:
+        volume, spacing, positions = read_nifti_hu(job.path)
+        if volume.shape[0] < job.settings.min_files:
+            raise SliceReadError(f"{volume.shape[0]} slices, fewer than --min-files {job.settings.min_files}")
+        slices, out_spacing = [], spacing
+        for hu in volume:
+            hu, out_spacing = _fit_slice(hu, spacing, job.settings)
+            slices.append(_to_int16(hu))
+    except SliceReadError as exc:
+        return _SeriesResult(series, None, [SkippedFile(job.path, str(exc))])
+    patient = nifti_stem(job.path)
+    shard = shard_relpath(patient, series)
+    write_shard_atomic(Path(job.out_dir) / shard, np.stack(slices))
+    entry = {
+        "patient": patient,
+        "study": "",
+        "series": series,
+        "shard": shard,
+        "shape": list(slices[0].shape),
+        "spacing": [float(v) for v in out_spacing],
+        "thickness": abs(positions[1] - positions[0]) if len(positions) > 1 else None,
+        "positions": positions,
+        "sources": [f"{rel}#{k}" for k in range(len(slices))],
+        "skipped": [],
+    }
+    return _SeriesResult(series, entry, [])
+
+
+def convert_job(job: _SeriesJob | _NiftiJob) -> _SeriesResult:
+    """One series of either kind (a DICOM series or a NIfTI file)."""
+    return convert_nifti(job) if isinstance(job, _NiftiJob) else convert_series(job)
+
+
+def _converted(pool: WorkerPool | None, jobs: Sequence[_SeriesJob | _NiftiJob]):
     """Yield each job's result (or the exception it raised) as soon as it is done."""
     if pool is None:
         for job in jobs:
             try:
-                yield convert_series(job)
+                yield convert_job(job)
             except Exception as exc:
                 yield exc
         return
-    yield from pool.as_completed(convert_series, jobs)  # BrokenProcessPool when a decoder crashed a worker
+    yield from pool.as_completed(convert_job, jobs)  # BrokenProcessPool when a decoder crashed a worker
 
 
 LOCK_FILE = ".prepare.lock"
@@ -326,6 +385,10 @@ def prepare_store(
     files = [p for p in find_files(dicom) if out_resolved not in Path(p).resolve().parents]
     if not files:
         raise UsageError(f"no files found in {dicom}")
+    nifti_files = [p for p in files if is_nifti(p)]
+    files = [p for p in files if not is_nifti(p)]
+    if nifti_files and not nibabel_available():
+        raise UsageError(f"{len(nifti_files)} NIfTI file(s) in {dicom} (e.g. {nifti_files[0]}): {NIBABEL_MISSING}")
 
     settings = PrepareSettings(min_files=min_files, size=size, spacing=spacing)
     try:
@@ -355,10 +418,11 @@ def prepare_store(
         scan = executor(len(files) // _SCAN_CHUNK)
         mapped = map(read_header, files) if scan is None else scan.map(read_header, files, chunksize=_SCAN_CHUNK)
         headers = list(_progress(mapped, len(files), "scan", progress))
-        if not any(isinstance(h, SliceHeader) for h in headers) and all(
+        if not nifti_files and not any(isinstance(h, SliceHeader) for h in headers) and all(
             h.reason == "not a DICOM file" for h in headers
         ):
-            raise UsageError(f"no DICOM files found in {dicom} ({len(files)} other files)")
+            raise UsageError(f"no DICOM files found in {dicom} ({len(files)} other files; NIfTI volumes, .nii or "
+                             f".nii.gz, are accepted too)")
         series_list, scan_skipped = group_series(headers, min_files=min_files)
 
         skipped_path = out / SKIPPED_FILE
@@ -368,12 +432,16 @@ def prepare_store(
         write_text(skipped_path, _csv_text([("path", "reason"), *rows]))
         _count_skips(report, [r for _, r in rows])
 
-        if not series_list and not finished:
+        if not series_list and not nifti_files and not finished:
             raise UsageError(
                 f"no CT series found in {dicom}: {len(scan_skipped)} file(s) skipped, reasons in {skipped_path}"
             )
-        jobs = [_SeriesJob(s, str(out), str(dicom), settings) for s in series_list if s.series not in finished]
-        report.series_reused = sum(1 for s in series_list if s.series in finished)
+        nifti_jobs = [_NiftiJob(p, str(out), str(dicom), settings) for p in nifti_files]
+        jobs: list[_SeriesJob | _NiftiJob] = [
+            _SeriesJob(s, str(out), str(dicom), settings) for s in series_list if s.series not in finished]
+        jobs += [j for j in nifti_jobs if j.series not in finished]
+        report.series_reused = (sum(1 for s in series_list if s.series in finished)
+                                + sum(1 for j in nifti_jobs if j.series in finished))
         results = _converted(executor(len(jobs)), jobs)
         with open(out / INDEX_FILE, "a", encoding="utf-8") as index, \
                 open(skipped_path, "a", newline="", encoding="utf-8") as skip_file:
@@ -434,9 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctssl-prepare",
         description="Convert a DICOM tree (e.g. LIDC-IDRI) once into a sharded int16 HU slice store "
-        "for fast pre-training. Resumable: a rerun skips finished series.",
+        "for fast pre-training. NIfTI volumes (.nii, .nii.gz; needs nibabel) below DICOM_DIR are "
+        "converted too, one series per file. Resumable: a rerun skips finished series.",
     )
-    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help="root of the DICOM tree")
+    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help="root of the DICOM tree (and/or NIfTI files)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="store directory (created; reused to resume)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="parallel worker processes (default: CPU count, at most 8)")

@@ -190,6 +190,18 @@ class SliceStore:
                              f"{len(entry['positions'])}; rerun ctssl-prepare on the DICOM tree into {self.root}")
         return np.array(shard[self._offset_of[i]])
 
+    def read_series_hu(self, s: int) -> np.ndarray:
+        """Every slice of series ``s`` (an index of ``self.series``) as an int16 ``(slices, H, W)`` array of HU,
+        in the stored order (along the slice normal); a copy."""
+        if not 0 <= s < len(self.series):
+            raise IndexError(f"series index {s} out of range for a store of {len(self.series)} series")
+        entry = self.series[s]
+        shard = self._shard(entry["shard"])
+        if shard.shape[0] != len(entry["positions"]):
+            raise StoreError(f"store shard {self.root / entry['shard']} holds {shard.shape[0]} slices, its index line "
+                             f"{len(entry['positions'])}; rerun ctssl-prepare on the DICOM tree into {self.root}")
+        return np.array(shard)
+
     def record(self, i: int) -> SliceRecord:
         """Metadata of slice ``i``."""
         i = self._check_index(i)

@@ -23,21 +23,29 @@ ENCODER_CONTRACT = ("forward_features", "forward_masked", "get_classifier", "num
 """What a method uses of its encoder (``ctssl.models.registry`` documents the contract)."""
 
 
+def spatial_dims_of(encoder: nn.Module) -> int:
+    """2 for an image encoder, 3 for a volume encoder (``ctssl.models`` encoders say so; others are 2-D)."""
+    return int(getattr(encoder, "spatial_dims", 2))
+
+
 def pooled_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Global-average-pooled last-stage features ``(B, num_features)`` (the classifier's input)."""
-    return backbone.forward_features(images)[-1].mean(dim=(2, 3))
+    """Global-average-pooled last-stage features ``(B, num_features)`` (the classifier's input), of images or
+    volumes."""
+    return backbone.forward_features(images)[-1].flatten(2).mean(dim=2)
 
 
-def as_views(batch, method: str, min_views: int = 2) -> list[torch.Tensor]:
-    """Check that a contrastive batch is a list of view tensors ``(B, C, H, W)``."""
+def as_views(batch, method: str, min_views: int = 2, spatial_dims: int = 2) -> list[torch.Tensor]:
+    """Check that a contrastive batch is a list of view tensors ``(B, C, H, W)`` (``(B, C, D, H, W)`` for
+    ``spatial_dims`` 3)."""
     if isinstance(batch, torch.Tensor) or not isinstance(batch, (list, tuple)):
         raise TypeError(f"{method}: the batch must be a list of view tensors (use method.train_transform), "
                         f"got {type(batch).__name__}")
     if len(batch) < min_views:
         raise ValueError(f"{method}: needs at least {min_views} views per image, got {len(batch)}")
+    want = "(B, C, H, W)" if spatial_dims == 2 else "(B, C, D, H, W)"
     for i, v in enumerate(batch):
-        if not isinstance(v, torch.Tensor) or v.dim() != 4:
-            raise ValueError(f"{method}: view {i} must be a (B, C, H, W) tensor, got "
+        if not isinstance(v, torch.Tensor) or v.dim() != spatial_dims + 2:
+            raise ValueError(f"{method}: view {i} must be a {want} tensor, got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         if v.shape[0] != batch[0].shape[0]:
             raise ValueError(f"{method}: views have different batch sizes {v.shape[0]} and {batch[0].shape[0]}")
@@ -48,7 +56,8 @@ class SSLMethod(nn.Module):
     """Base class: hparam handling, parameter groups, SyncBN conversion, no-op hooks.
 
     Subclasses set ``name`` and ``default_hparams`` and implement ``forward`` and
-    ``train_transform``. ``default_hparams`` holds the paper's settings; the optimizer
+    ``train_transform``; ``spatial_dims`` lists the encoders they train (2: images, 3: volumes).
+    ``default_hparams`` holds the paper's settings; the optimizer
     keys mean: ``lr = base_lr * batch_size / lr_batch_ref`` (no scaling when
     ``lr_batch_ref`` is None), cosine decay to ``min_lr_ratio * lr`` after
     ``warmup_epochs``; ``weight_decay_end`` (None: constant) is the end of a cosine
@@ -57,6 +66,8 @@ class SSLMethod(nn.Module):
 
     name: str = "?"
     default_hparams: dict[str, Any] = {}
+    spatial_dims: tuple[int, ...] = (2,)
+    """Encoder dimensionalities the method trains: 2 (images), 3 (volumes)."""
 
     def __init__(self, encoder: nn.Module, backend: str = "auto", **hparams):
         super().__init__()
@@ -64,6 +75,7 @@ class SSLMethod(nn.Module):
         if not isinstance(encoder, nn.Module) or missing:
             raise TypeError(f"{self.name}: encoder must be a ctssl.models encoder (ResNet, ConvNeXt), got "
                             f"{type(encoder).__name__}" + (f" without {', '.join(missing)}" if missing else ""))
+        check_spatial_dims(type(self), spatial_dims_of(encoder), type(encoder).__name__)
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
             raise ValueError(f"{self.name}: unknown hparam(s) {', '.join(unknown)}; valid: "
@@ -106,7 +118,7 @@ class SSLMethod(nn.Module):
         return [g for g in groups if g["params"]]
 
     def convert_sync_batchnorm(self, process_group=None) -> "SSLMethod":
-        """Make every BN synchronise across ranks: ctssl's sparse-aware SyncBatchNorm for 2-D BN
+        """Make every BN synchronise across ranks: ctssl's sparse-aware SyncBatchNorm for 2-D and 3-D BN
         (it still accepts sparse maps), torch's SyncBatchNorm for the heads' BatchNorm1d.
 
         Do not use ``nn.SyncBatchNorm.convert_sync_batchnorm`` on a method: it would replace the
@@ -116,6 +128,13 @@ class SSLMethod(nn.Module):
         for name, child in list(self.named_children()):
             setattr(self, name, _convert_bn1d(convert_sync_batchnorm(child, process_group), process_group))
         return self
+
+
+def check_spatial_dims(method: type[SSLMethod], dims: int, arch: str) -> None:
+    """ValueError naming the method and the encoder when ``method`` does not train ``dims``-D encoders."""
+    if dims not in method.spatial_dims:
+        kinds = " and ".join({2: "2-D (images)", 3: "3-D (volumes)"}[d] for d in method.spatial_dims)
+        raise ValueError(f"{method.name} does not support {dims}-D encoders ({arch}); it trains {kinds} encoders only")
 
 
 def _convert_bn1d(module: nn.Module, process_group) -> nn.Module:

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import TwoViewTransform
+from ..data.augment import TwoViewTransform, TwoViewTransform3d
 from ..models.heads import MLPHead
-from .base import SSLMethod, as_views, pooled_features
+from .base import SSLMethod, as_views, pooled_features, spatial_dims_of
 from .momentum import cosine_momentum, ema_update, momentum_copy
 
 
@@ -18,6 +18,7 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 class BYOL(SSLMethod):
     name = "byol"
+    spatial_dims = (2, 3)
     default_hparams = {
         # seed paper: batch 64, Adam lr 1e-3 (not scaled); BYOL: tau 0.996 -> 1 (cosine), 4096/256 MLPs
         "batch_size": 64, "optimizer": "adam", "base_lr": 1e-3, "lr_batch_ref": None, "min_lr_ratio": 0.0,
@@ -38,7 +39,7 @@ class BYOL(SSLMethod):
         self.momentum = hp["base_momentum"]  # the value used by the last update (for logs)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        v1, v2 = as_views(batch, self.name)[:2]
+        v1, v2 = as_views(batch, self.name, spatial_dims=spatial_dims_of(self.backbone))[:2]
         # each view is its own forward pass, so BN statistics are per view as in BYOL
         p1, p2 = (self.predictor(self.projector(pooled_features(self.backbone, v))) for v in (v1, v2))
         with torch.no_grad():
@@ -54,4 +55,7 @@ class BYOL(SSLMethod):
         ema_update(self.target_projector, self.projector, self.momentum)
 
     def train_transform(self, size: int):
+        """Two views; volumes get the 3-D views (crop, flips, jitter, noise: no blur, so ``blur_p`` is unused)."""
+        if spatial_dims_of(self.backbone) == 3:
+            return TwoViewTransform3d(size, scale=tuple(self.hparams["crop_scale"]))
         return TwoViewTransform(size, scale=tuple(self.hparams["crop_scale"]), blur_p=tuple(self.hparams["blur_p"]))

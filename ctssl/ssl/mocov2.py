@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import TwoViewTransform
+from ..data.augment import TwoViewTransform, TwoViewTransform3d
 from ..models.heads import MLPHead
 from . import distributed as dist
-from .base import SSLMethod, as_views, pooled_features
+from .base import SSLMethod, as_views, pooled_features, spatial_dims_of
 from .momentum import ema_update, momentum_copy
 
 
@@ -51,6 +51,7 @@ class KeyQueue(nn.Module):
 
 class MoCoV2(SSLMethod):
     name = "mocov2"
+    spatial_dims = (2, 3)
     default_hparams = {
         # seed paper: batch 128, SGD; MoCo v2: lr 0.03 x batch/256, momentum 0.9, wd 1e-4, cosine, 200 epochs
         "batch_size": 128, "optimizer": "sgd", "base_lr": 0.03, "lr_batch_ref": 256, "min_lr_ratio": 0.0,
@@ -78,7 +79,7 @@ class MoCoV2(SSLMethod):
         return F.normalize(self.momentum_projector(pooled_features(self.momentum_backbone, x)).float(), dim=1)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        v1, v2 = as_views(batch, self.name)[:2]
+        v1, v2 = as_views(batch, self.name, spatial_dims=spatial_dims_of(self.backbone))[:2]
         T = self.hparams["temperature"]
         negatives = self.queue.keys.clone()  # the queue is updated below, after the logits are built
         k2 = self._key(v2)
@@ -99,4 +100,6 @@ class MoCoV2(SSLMethod):
         ema_update(self.momentum_projector, self.projector, m)
 
     def train_transform(self, size: int):
+        if spatial_dims_of(self.backbone) == 3:
+            return TwoViewTransform3d(size, scale=tuple(self.hparams["crop_scale"]))
         return TwoViewTransform(size, scale=tuple(self.hparams["crop_scale"]))

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import TwoViewTransform
+from ..data.augment import TwoViewTransform, TwoViewTransform3d
 from ..models.heads import MLPHead
 from . import distributed as dist
-from .base import SSLMethod, as_views, pooled_features
+from .base import SSLMethod, as_views, pooled_features, spatial_dims_of
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -34,6 +34,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
 
 class SimCLR(SSLMethod):
     name = "simclr"
+    spatial_dims = (2, 3)
     default_hparams = {
         # SimCLR paper: LARS, lr 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, temperature 0.1
         "batch_size": 256, "optimizer": "lars", "base_lr": 0.3, "lr_batch_ref": 256, "min_lr_ratio": 0.0,
@@ -50,7 +51,7 @@ class SimCLR(SSLMethod):
         self.projector = MLPHead(feat, hp["proj_hidden_dim"] or feat, hp["proj_dim"], batch_norm=True)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        v1, v2 = as_views(batch, self.name)[:2]
+        v1, v2 = as_views(batch, self.name, spatial_dims=spatial_dims_of(self.backbone))[:2]
         if v1.shape != v2.shape:
             raise ValueError(f"simclr: the two views must have the same shape, got {tuple(v1.shape)} "
                              f"and {tuple(v2.shape)}")
@@ -59,4 +60,6 @@ class SimCLR(SSLMethod):
         return {"loss": nt_xent(z1, z2, self.hparams["temperature"])}
 
     def train_transform(self, size: int):
+        if spatial_dims_of(self.backbone) == 3:
+            return TwoViewTransform3d(size, scale=tuple(self.hparams["crop_scale"]))
         return TwoViewTransform(size, scale=tuple(self.hparams["crop_scale"]))

@@ -28,11 +28,19 @@ METHODS = ("spark", "simclr", "mocov2", "byol", "swav")
 def _registered_encoders() -> tuple[str, ...]:
     from ctssl.models import encoder_names
 
-    return tuple(encoder_names(spatial_dims=2))
+    return tuple(encoder_names())
 
 
 ARCHS = _registered_encoders()
-"""Every 2-D encoder of ``ctssl.models``' registry (ResNets, ConvNeXts): pre-training reads CT slices."""
+"""Every encoder of ``ctssl.models``' registry: 2-D ones (ResNets, ConvNeXts) pre-train on CT slices, 3-D ones
+(``resnet18_3d``...) on crops of CT volumes."""
+
+
+def arch_spatial_dims(arch: str) -> int:
+    """2 for an image encoder, 3 for a volume encoder (from the registry, without building it)."""
+    from ctssl.models.registry import SPATIAL_DIMS
+
+    return SPATIAL_DIMS.get(arch, 2)
 OPTIMIZERS = ("lamb", "adamw", "adam", "sgd", "lars")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,6 +88,12 @@ class PretrainConfig:
     """A prepared slice store (``ctssl-prepare`` output)."""
     intensity: str = "raw"
     image_size: int = 224
+    crop_size: int = 64
+    """3-D encoders: edge of the cubic volume crops in voxels (a multiple of 32); image_size is for 2-D."""
+    volume_spacing: float = 1.5
+    """3-D encoders: isotropic voxel spacing (mm) every series is resampled to before cropping."""
+    crops_per_volume: int = 16
+    """3-D encoders: random crops per series and epoch (the data set length is series x this)."""
     workers: int = 4
 
     # where
@@ -158,6 +172,16 @@ class PretrainConfig:
             return float(self.base_lr)
         return self.base_lr * self.global_batch(world_size) / self.lr_batch_ref
 
+    @property
+    def spatial_dims(self) -> int:
+        """2: the encoder takes slices; 3: volume crops."""
+        return arch_spatial_dims(self.arch)
+
+    @property
+    def input_size(self) -> int:
+        """The side of the network's input: ``image_size`` for 2-D encoders, ``crop_size`` for 3-D ones."""
+        return self.crop_size if self.spatial_dims == 3 else self.image_size
+
     def validate(self) -> "PretrainConfig":
         """Check every value that does not need the data or the device; raises ConfigError."""
         if self.method not in METHODS:
@@ -174,6 +198,8 @@ class PretrainConfig:
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if self.image_size <= 0 or self.image_size % 32:
             raise ConfigError(f"image_size must be a positive multiple of 32 (the patch size), got {self.image_size}")
+        if self.spatial_dims == 3:
+            self._validate_volumes()
         if self.mask_ratio is not None:
             if self.method != "spark":
                 raise ConfigError(f"mask_ratio applies to spark only, not to {self.method}")
@@ -216,6 +242,21 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.wandb_mode not in WANDB_MODES:
             raise ConfigError(f"unknown wandb_mode {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
+
+    def _validate_volumes(self) -> None:
+        from ctssl.ssl import method_class
+        from ctssl.ssl.base import check_spatial_dims
+
+        if self.crop_size <= 0 or self.crop_size % 32:
+            raise ConfigError(f"crop_size must be a positive multiple of 32 (the patch size), got {self.crop_size}")
+        if self.volume_spacing <= 0:
+            raise ConfigError(f"volume_spacing must be positive (mm), got {self.volume_spacing}")
+        if self.crops_per_volume < 1:
+            raise ConfigError(f"crops_per_volume must be >= 1, got {self.crops_per_volume}")
+        try:
+            check_spatial_dims(method_class(self.method), 3, self.arch)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -146,15 +146,14 @@ def _bn_group(bn):
 
 
 def _dense_sync_bn_on_rows(bn, x: torch.Tensor) -> torch.Tensor:
-    """Synchronized BN of a dense CPU tensor (B, C) or (B, C, H, W) via the engine's row BatchNorm."""
+    """Synchronized BN of a dense CPU tensor (B, C), (B, C, H, W) or (B, C, D, H, W) via the engine's row
+    BatchNorm."""
     from ctssl.sparse.batchnorm_rows import batch_norm_rows, running_momentum
 
-    if x.dim() == 2:
-        rows = x
-    elif x.dim() == 4:
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    else:
-        raise ValueError(f"{type(bn).__name__}: expected a 2-D or 4-D input, got shape {tuple(x.shape)}")
+    if x.dim() not in (2, 4, 5):
+        raise ValueError(f"{type(bn).__name__}: expected a 2-D, 4-D or 5-D input, got shape {tuple(x.shape)}")
+    channels_last = x if x.dim() == 2 else x.movedim(1, -1)  # (B, *spatial, C)
+    rows = channels_last.reshape(-1, x.shape[1])
     momentum = running_momentum(bn)
     out = batch_norm_rows(rows, bn.weight, bn.bias,
                           bn.running_mean if bn.track_running_stats else None,
@@ -162,8 +161,7 @@ def _dense_sync_bn_on_rows(bn, x: torch.Tensor) -> torch.Tensor:
                           True, momentum, bn.eps, process_group=_bn_group(bn))
     if x.dim() == 2:
         return out
-    B, C, H, W = x.shape
-    return out.reshape(B, H, W, C).permute(0, 3, 1, 2)
+    return out.reshape(channels_last.shape).movedim(-1, 1)
 
 
 def _needs_rows_path(bn, x) -> bool:
@@ -196,10 +194,10 @@ def _cpu_sync_class(base: type, parent: type) -> type:
 
 
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Make every BatchNorm synchronize across ranks (sparse-aware for the encoder's 2-D BN).
+    """Make every BatchNorm synchronize across ranks (sparse-aware for the encoder's 2-D and 3-D BN).
 
     Uses the method's own ``convert_sync_batchnorm`` when it has one (ctssl.ssl methods: ctssl's
-    SyncBatchNorm for 2-D BN, torch's for the heads' BatchNorm1d), else ctssl's converter. On the
+    SyncBatchNorm for 2-D and 3-D BN, torch's for the heads' BatchNorm1d), else ctssl's converter. On the
     CPU the converted modules also accept dense inputs (torch's own do not).
     """
     from ctssl.sparse.modules import SyncBatchNorm, convert_sync_batchnorm

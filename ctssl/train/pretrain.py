@@ -103,6 +103,7 @@ def method_hparams(cfg: PretrainConfig, defaults: dict[str, Any], plan: RunPlan 
         raise ConfigError(f"hparams {', '.join(clash)} are trainer settings: set "
                           f"{', '.join(TRAINER_HPARAMS.get(k, k) for k in clash)} directly")
     values = {key: getattr(cfg, name) for key, name in TRAINER_HPARAMS.items()}
+    values["input_size"] = cfg.input_size  # crop_size for 3-D encoders
     if plan is not None:
         values["epochs"] = plan.epochs
         values["steps_per_epoch"] = plan.steps_per_epoch
@@ -149,6 +150,22 @@ def open_store(cfg: PretrainConfig):
     if len(store) == 0:
         raise ConfigError(f"data directory {root} is empty: the store holds no slices")
     return store
+
+
+def pretrain_dataset(cfg: PretrainConfig, store, transform=None):
+    """The data set of ``cfg``'s encoder: slices (``PretrainDataset``) for 2-D encoders, random ``crop_size^3``
+    crops of the series resampled to ``volume_spacing`` (``VolumeDataset``) for 3-D ones."""
+    from ctssl.data import PretrainDataset
+    from ctssl.data.volumes import VolumeDataset
+
+    try:
+        if cfg.spatial_dims == 3:
+            return VolumeDataset(store, crop=cfg.crop_size, spacing=cfg.volume_spacing, channels=cfg.in_chans,
+                                 intensity=cfg.intensity, transform=transform, crops_per_volume=cfg.crops_per_volume)
+        return PretrainDataset(store, size=cfg.image_size, channels=cfg.in_chans, intensity=cfg.intensity,
+                               transform=transform)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
 
 
 def amp_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -228,7 +245,8 @@ class _Run:
             self._check_compatible(self.resumed, resume_path)
             self.last_good = (resume_path, int(self.resumed["step"]))
         self.store = open_store(cfg)
-        self.plan = make_plan(cfg, len(self.store), ctx.world_size)
+        self.dataset = pretrain_dataset(cfg, self.store)  # its transform comes from the method, built below
+        self.plan = make_plan(cfg, len(self.dataset), ctx.world_size)
         from ctssl.sparse import get_backend
 
         get_backend(cfg.backend, self.device, training=True)  # BackendUnavailableError: unknown, unusable, no backward
@@ -241,16 +259,9 @@ class _Run:
         self.init_lines = apply_init(self.method, cfg, resuming=self.resumed is not None,
                                      log=print if ctx.is_main else None)  # --init: before the optimizer exists
         try:
-            transform = self.method.train_transform(cfg.image_size)
+            self.dataset.transform = self.method.train_transform(cfg.input_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        from ctssl.data import PretrainDataset
-
-        try:
-            self.dataset = PretrainDataset(self.store, size=cfg.image_size, channels=cfg.in_chans,
-                                           intensity=cfg.intensity, transform=transform)
-        except ValueError as exc:
-            raise ConfigError(f"data: {exc}") from None
         self._build_evaluator()
 
     def _check_wandb(self) -> None:
@@ -273,7 +284,7 @@ class _Run:
             from .online_eval import OnlineEvaluator
 
             try:
-                self.evaluator = OnlineEvaluator(cfg.eval_data, cfg.image_size, cfg.in_chans, cfg.intensity,
+                self.evaluator = OnlineEvaluator(cfg.eval_data, cfg.input_size, cfg.in_chans, cfg.intensity,
                                                  max_images=cfg.eval_images, k=cfg.eval_k, probe=cfg.eval_probe,
                                                  batch_size=max(cfg.batch_size, 32), device=self.device,
                                                  amp_dtype=self.amp_dtype)
@@ -302,7 +313,7 @@ class _Run:
         if ctx.distributed:
             method = convert_batchnorm(method, self.device)
         method.to(self.device)
-        channels_last = cfg.channels_last and self.device.type == "cuda"
+        channels_last = cfg.channels_last and self.device.type == "cuda" and cfg.spatial_dims == 2  # 4-D formats only
         if channels_last:
             method.to(memory_format=torch.channels_last)
         self.method = method
@@ -615,10 +626,11 @@ def cpu_warning(cfg: PretrainConfig, plan: RunPlan, device: torch.device) -> str
     """A warning for a run sized for a GPU (the ``paper`` preset) that is about to start on the CPU."""
     if device.type != "cpu":
         return None
-    images = plan.total_steps * plan.global_batch * (cfg.image_size / 224) ** 2 * _ARCH_COST.get(cfg.arch, 1.0)
+    pixels = cfg.input_size ** cfg.spatial_dims / 224 ** 2  # a volume crop counts as its voxels' worth of images
+    images = plan.total_steps * plan.global_batch * pixels * _ARCH_COST.get(cfg.arch, 1.0)
     if images < CPU_IMAGE_BUDGET:
         return None
-    return (f"warning: this run ({cfg.arch}, {cfg.image_size} px, {plan.total_steps} steps of {plan.global_batch} "
+    return (f"warning: this run ({cfg.arch}, {cfg.input_size} px, {plan.total_steps} steps of {plan.global_batch} "
             f"images) is sized for a GPU and will take very long on the CPU; for a CPU demo use --preset toy")
 
 
@@ -692,4 +704,5 @@ def export_backbone(source, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["PretrainConfig", "RunPlan", "TrainingError", "run_pretraining", "make_plan", "build_method",
-           "method_hparams", "open_store", "export_backbone", "load_run_config", "to_device", "amp_dtype"]
+           "method_hparams", "open_store", "pretrain_dataset", "export_backbone", "load_run_config", "to_device",
+           "amp_dtype"]

@@ -6,6 +6,7 @@
     ctssl-train --out runs/spark --resume                 # continue where it stopped
     ctssl-train --out runs/spark --resume --export r50.pt # write the backbone for fine-tuning
     ctssl-train --method spark --data STORE --out runs/spark --eval-data labels.csv --eval-every 500 --wandb
+    ctssl-train --method spark --arch resnet18_3d --crop-size 64 --data PREPARED_DIR --out runs/spark3d
 
 Settings: preset (``paper`` by default: the seed paper's settings of the method) < config file
 (--config FILE.toml / .yaml / .json) < ``--set key=value`` < the flags below. With --resume the
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config field (repeatable), e.g. --set warmup_epochs=10 --set hparams.temperature=0.2")
     p.add_argument("--arch", choices=ARCHS,
-                   help="encoder: a ResNet or ConvNeXt (paper preset: resnet50; toy: resnet18)")
+                   help="encoder: a ResNet or ConvNeXt (paper preset: resnet50; toy: resnet18); a 3-D one "
+                        "(resnet18_3d...) trains on volume crops of the store's series")
     p.add_argument("--in-chans", type=int, choices=(1, 3),
                    help="encoder input channels: 3 (grey CT copied to RGB, as the paper fine-tunes) or 1")
     length = p.add_mutually_exclusive_group()
@@ -68,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=int, help="stop after this many optimizer steps (schedules span them)")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32")
+    p.add_argument("--crop-size", type=int, help="3-D encoders: volume crop edge in voxels, a multiple of 32 "
+                                                 "(default 64)")
+    p.add_argument("--volume-spacing", type=float, help="3-D encoders: isotropic voxel spacing in mm the series are "
+                                                        "resampled to (default 1.5)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     p.add_argument("--mask-ratio", type=float, help="SparK's mask ratio (default 0.6)")
     p.add_argument("--seed", type=int, help="seed of the weights, the data order, augmentations and masks (default 0)")
@@ -116,7 +122,8 @@ _TRACKING_FLAG_FIELDS = {
 
 _FLAG_FIELDS = {
     "backend": "backend", "data": "data", "out": "out", "arch": "arch", "in_chans": "in_chans",
-    "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "lr": "lr", "mask_ratio": "mask_ratio",
+    "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "crop_size": "crop_size",
+    "volume_spacing": "volume_spacing", "lr": "lr", "mask_ratio": "mask_ratio",
     "seed": "seed", "device": "device", "amp": "amp", "workers": "workers", "init": "init",
 }
 
