@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctssl.train import pretrain
-from ctssl.train.checkpoint import LAST, load_checkpoint
+from ctssl.train.checkpoint import load_checkpoint
 from ctssl.train.config import ConfigError
 from ctssl.train.logger import read_log
 from ctssl.train.online_eval import OnlineEvaluator, knn_accuracy, probe_accuracy
@@ -18,6 +17,7 @@ from ctssl.train.pretrain import run_pretraining
 from ctssl.train.pretrain_cli import main
 
 from .bars_data import write_npz
+from .crash import run_until_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -146,25 +146,14 @@ def test_bad_eval_data_fails_at_start_in_one_line(pretrain_store, tmp_path, caps
 
 
 def test_run_evaluates_logs_plots_and_resumes_without_duplicates(pretrain_store, bars, tiny_config, tmp_path,
-                                                                   monkeypatch, capsys):
+                                                                   capsys):
     cfg = tiny_config("byol", pretrain_store, tmp_path / "straight", max_steps=5, eval_images=12)
     straight = load_checkpoint(run_pretraining(cfg))
 
     # the same run with online evaluation every 2 steps, crashing right after its step-3 checkpoint
     evaluated = dataclasses.replace(cfg, out=str(tmp_path / "eval"), eval_data=bars, eval_every=2, ckpt_every=3,
                                     eval_probe=True, progress=True)
-    save = pretrain._Run._save
-
-    def save_then_crash(self, name, *args, **kwargs):
-        path = save(self, name, *args, **kwargs)
-        if name == LAST:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(pretrain._Run, "_save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_pretraining(evaluated)
-    monkeypatch.undo()
+    run_until_first_checkpoint(evaluated, KeyboardInterrupt)
     log = Path(evaluated.out) / "log.jsonl"
     assert [r["step"] for r in read_log(log) if r.get("kind") == "eval"] == [2]
     capsys.readouterr()

@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from ctssl.train import pretrain
-from ctssl.train.checkpoint import LAST, load_checkpoint
+from ctssl.train.checkpoint import load_checkpoint
 from ctssl.train.config import ConfigError
 from ctssl.train.pretrain import export_backbone, run_pretraining
 from ctssl.train.pretrain_cli import main
+
+from .crash import run_until_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,11 +31,7 @@ def volume_store(tmp_path_factory):
     return root / "store"
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_spark_3d_crash_and_resume_matches_a_straight_run(volume_store, tiny_config, tmp_path, monkeypatch):
+def test_spark_3d_crash_and_resume_matches_a_straight_run(volume_store, tiny_config, tmp_path):
     cfg = tiny_config("spark", volume_store, tmp_path / "straight", max_steps=3, hparams={"decoder_width": 32},
                       **VOLUME_FIELDS)
     assert cfg.spatial_dims == 3 and cfg.input_size == 32
@@ -42,18 +39,7 @@ def test_spark_3d_crash_and_resume_matches_a_straight_run(volume_store, tiny_con
     assert straight["step"] == 3 and straight["arch"] == "resnet18_3d"
 
     interrupted = dataclasses.replace(cfg, out=str(tmp_path / "resumed"), ckpt_every=2)
-    save = pretrain._Run._save
-
-    def save_then_crash(self, name, *args, **kwargs):
-        path = save(self, name, *args, **kwargs)
-        if name == LAST:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(pretrain._Run, "_save", save_then_crash)
-    with pytest.raises(_Crash):
-        run_pretraining(interrupted)
-    monkeypatch.undo()
+    run_until_first_checkpoint(interrupted)
     resumed = load_checkpoint(run_pretraining(interrupted, resume=True))
     assert resumed["step"] == 3
     for key, value in straight["model"].items():

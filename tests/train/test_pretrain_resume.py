@@ -6,16 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from ctssl.train import pretrain
 from ctssl.train.checkpoint import LAST, load_checkpoint
 from ctssl.train.logger import read_log
 from ctssl.train.pretrain import run_pretraining
 
+from .crash import run_until_first_checkpoint
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class _Crash(Exception):
-    pass
 
 
 def _assert_same_tree(a, b, where="") -> None:
@@ -33,7 +30,7 @@ def _assert_same_tree(a, b, where="") -> None:
         assert a == b, where
 
 
-def test_crash_and_resume_matches_a_straight_run(pretrain_store, tiny_config, tmp_path, monkeypatch):
+def test_crash_and_resume_matches_a_straight_run(pretrain_store, tiny_config, tmp_path):
     # SparK's own recipe (LAMB, warm-up, cosine lr and wd, clipping) plus drop-path, so the resumed
     # run must also restore the RNG; 16 images / batch 4: the crash is mid-epoch, the end in epoch 2
     cfg = tiny_config("spark", pretrain_store, tmp_path / "straight", max_steps=5, optimizer="lamb", lr=5e-3,
@@ -43,18 +40,7 @@ def test_crash_and_resume_matches_a_straight_run(pretrain_store, tiny_config, tm
 
     # the same run, with a DataLoader worker, dies right after its step-3 checkpoint
     interrupted = dataclasses.replace(cfg, out=str(tmp_path / "resumed"), ckpt_every=3, workers=1)
-    save = pretrain._Run._save
-
-    def save_then_crash(self, name, *args, **kwargs):
-        path = save(self, name, *args, **kwargs)
-        if name == LAST:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(pretrain._Run, "_save", save_then_crash)
-    with pytest.raises(_Crash):
-        run_pretraining(interrupted)
-    monkeypatch.undo()
+    run_until_first_checkpoint(interrupted)
     saved = load_checkpoint(tmp_path / "resumed" / LAST)
     assert (saved["step"], saved["epoch"], saved["sampler"]["batch"]) == (3, 0, 3)
 
