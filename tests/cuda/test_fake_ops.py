@@ -210,17 +210,13 @@ def test_compiled_functions_match_eager_forward_and_backward(d):
             assert got == want
 
 
-def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
-    """The user's case: torch.compile (graph breaks allowed) over sparse layers on the cuda backend's
-    operators, the mask arriving as data; ``SymInt num_patches`` lets patch_tables take the
-    data-dependent patch count."""
-    from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d, ReLU
-
+def _assert_compiled_matches_eager(layers, images, active):
+    """``layers`` on the cuda operators' CPU twins, the patch index built from ``active`` inside the region:
+    torch.compile (aot_eager, graph breaks allowed) equals eager in the output, the image gradient and every
+    parameter gradient."""
     from .helpers import CpuTwin
 
     backend = CpuTwin()
-    torch.manual_seed(0)
-    layers = torch.nn.ModuleList([Conv2d(3, C, 3, padding=1), BatchNorm2d(C), ReLU(), MaxPool2d(3, 2, 1)]).double()
 
     def step(images, active):
         x = backend.sparse_input(images, PatchIndex(active))
@@ -229,12 +225,11 @@ def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
         return x.to_dense()
 
     def run(fn):
-        gen = torch.Generator().manual_seed(2)
-        images = torch.randn(2, 3, 64, 96, generator=gen, dtype=torch.float64).requires_grad_(True)
-        active = torch.tensor([[[True, False, True], [False, True, True]], [[False] * 3, [True, False, False]]])
-        out = fn(images, active)
-        (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
-        grads = [images.grad] + [p.grad.clone() for p in layers.parameters()]
+        x = images.detach().clone().requires_grad_(True)
+        out = fn(x, active)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        (out * weights).sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in layers.parameters()]
         layers.zero_grad()
         return [out.detach()] + grads
 
@@ -243,6 +238,19 @@ def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
     got = run(torch.compile(step, backend="aot_eager"))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_sparse_layers_with_the_index_built_inside_match_eager():
+    """The user's case: torch.compile over sparse layers on the cuda backend's operators, the mask arriving as
+    data; ``SymInt num_patches`` lets patch_tables take the data-dependent patch count."""
+    from ctssl.sparse.modules import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([Conv2d(3, C, 3, padding=1), BatchNorm2d(C), ReLU(), MaxPool2d(3, 2, 1)]).double()
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 64, 96, generator=gen, dtype=torch.float64)
+    active = torch.tensor([[[True, False, True], [False, True, True]], [[False] * 3, [True, False, False]]])
+    _assert_compiled_matches_eager(layers, images, active)
 
 
 def test_compiled_convnext_layers_on_radius3_tables_match_eager():
@@ -250,35 +258,14 @@ def test_compiled_convnext_layers_on_radius3_tables_match_eager():
     data-dependent patch count) and LayerNorm under torch.compile: compiled == eager, forward and backward."""
     from ctssl.sparse.modules import Conv2d, LayerNorm2d
 
-    from .helpers import CpuTwin
-
-    backend = CpuTwin()
     torch.manual_seed(0)
     layers = torch.nn.ModuleList([Conv2d(3, C, 32, 32), Conv2d(C, C, 7, padding=3, groups=C),
                                   LayerNorm2d(C)]).double()
-
-    def step(images, active):
-        x = backend.sparse_input(images, PatchIndex(active))
-        for layer in layers:
-            x = layer(x)
-        return x.to_dense()
-
-    def run(fn):
-        gen = torch.Generator().manual_seed(3)
-        images = torch.randn(2, 3, 128, 128, generator=gen, dtype=torch.float64).requires_grad_(True)
-        active = torch.rand(2, 4, 4, generator=gen) < 0.6
-        active[1] = False
-        out = fn(images, active)
-        (out * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum().backward()
-        grads = [images.grad] + [p.grad.clone() for p in layers.parameters()]
-        layers.zero_grad()
-        return [out.detach()] + grads
-
-    torch._dynamo.reset()
-    want = run(step)
-    got = run(torch.compile(step, backend="aot_eager"))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 128, 128, generator=gen, dtype=torch.float64)
+    active = torch.rand(2, 4, 4, generator=gen) < 0.6
+    active[1] = False
+    _assert_compiled_matches_eager(layers, images, active)
 
 
 def test_registration_skips_without_register_fake_and_never_breaks_load(monkeypatch):
