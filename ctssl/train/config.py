@@ -513,6 +513,7 @@ class FinetuneConfig:
     in_chans: int | None = None  # None: the checkpoint's, or the preset's for random init
     random_arch: str = "resnet50"  # arch of a random init when --arch is not given
     random_in_chans: int = 3
+    norm: str | None = None  # 3-D ResNets from a random init: "batch" or "instance" (None: batch)
     epochs: int = 70
     freeze_epochs: int = 10
     linear_probe: bool = False
@@ -546,6 +547,8 @@ class FinetuneConfig:
             raise FinetuneError(f"--epochs must be at least 1, got {self.epochs}")
         if self.freeze_epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.bn_recalibrate < 0:
             raise FinetuneError("--freeze-epochs must be >= 0, --batch-size >= 1, --lr > 0 and --bn-recalibrate >= 0")
+        if self.norm not in (None, "batch", "instance"):
+            raise FinetuneError(f"--norm must be 'batch' or 'instance', got {self.norm!r}")
         return self
 
 

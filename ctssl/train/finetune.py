@@ -149,8 +149,16 @@ def build_model(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, di
         if arch not in ENCODERS:
             raise FinetuneError(f"--arch {arch}: unknown; choose one of {', '.join(encoder_names())}")
         in_chans = _random_in_chans(config, arch)
-        model = create_encoder(arch, num_classes=num_classes, in_chans=in_chans)
-        return model, {"arch": arch, "in_chans": in_chans, "method": "random", "source": "random"}
+        kwargs = {}
+        if config.norm is not None:
+            if SPATIAL_DIMS[arch] != 3 or not arch.startswith("resnet"):
+                raise FinetuneError(f"--norm {config.norm}: only the 3-D ResNets take a norm choice, not {arch}")
+            kwargs["norm"] = config.norm
+        model = create_encoder(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        info = {"arch": arch, "in_chans": in_chans, "method": "random", "source": "random"}
+        if kwargs:
+            info["encoder_kwargs"] = kwargs
+        return model, info
     sd, meta = read_backbone(config.init)
     if config.arch is not None and config.arch != meta["arch"]:
         raise FinetuneError(f"--arch {config.arch} does not match the checkpoint {config.init}, "

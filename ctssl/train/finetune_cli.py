@@ -57,6 +57,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "(random init: the preset's)")
     g.add_argument("--in-chans", type=int, default=None, choices=(1, 3),
                    help="backbone input channels; default: the checkpoint's (random init: the preset's)")
+    g.add_argument("--norm", default=None, choices=("batch", "instance"),
+                   help="a 3-D ResNet from a random init: BatchNorm (default) or InstanceNorm (nnU-Net's)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen at the start")
     g.add_argument("--linear-probe", action="store_true", default=None,
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace, **fixed) -> FinetuneConfig:
     overrides = dict(
         data=args.data, split_lists=parse_split_lists(args.split_list), patient_regex=args.patient_regex,
         positive_class=args.positive_class,
-        split_seed=args.split_seed, intensity=args.intensity, arch=args.arch, in_chans=args.in_chans,
+        split_seed=args.split_seed, intensity=args.intensity, arch=args.arch, in_chans=args.in_chans, norm=args.norm,
         epochs=args.epochs, freeze_epochs=args.freeze_epochs, linear_probe=args.linear_probe,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, image_size=args.image_size,
         augment=args.augment, normalize=args.normalize, fraction_seed=args.fraction_seed, device=args.device,

@@ -145,21 +145,21 @@ def run_sweep(
         if base.in_chans is not None and base.in_chans != meta["in_chans"]:
             raise SweepError(f"--in-chans {base.in_chans} does not match --pretrained {name}={path} "
                              f"({meta['in_chans']} channels)")
-        infos[name] = (meta["arch"], meta["in_chans"])
+        infos[name] = (meta["arch"], meta["in_chans"], meta["encoder_kwargs"].get("norm"))
     random_config = base
     if include_random and infos and base.arch is None:
         shapes = set(infos.values())
         if len(shapes) > 1:
             raise SweepError(f"the checkpoints hold different backbones ({sorted(shapes)}); pass --arch and "
                              f"--in-chans for the random baseline or sweep them separately")
-        arch, in_chans = shapes.pop()
-        random_config = ft.copy_config(base, arch=arch, in_chans=base.in_chans or in_chans)
+        arch, in_chans, norm = shapes.pop()
+        random_config = ft.copy_config(base, arch=arch, in_chans=base.in_chans or in_chans, norm=base.norm or norm)
     methods = dict(pretrained)
     if include_random:
         methods[RANDOM_NAME] = RANDOM_NAME
 
     splits = ft.load_splits(base)
-    archs = {arch for arch, _ in infos.values()}
+    archs = {arch for arch, _, _ in infos.values()}
     if include_random:
         archs.add(random_config.arch or random_config.random_arch)
     for arch in sorted(archs):  # a 2-D encoder on volumes (or the reverse): one error before any training

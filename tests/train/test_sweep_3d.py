@@ -57,3 +57,40 @@ def test_sweep_of_volumes_with_a_2d_arch_is_one_error_before_training(setup, tmp
     err = capsys.readouterr().err
     assert "--arch resnet18 is a 2-D encoder" in err and "(16, 16, 16)" in err
     assert not (tmp_path / "bad" / "runs").exists()
+
+
+def test_random_baseline_takes_the_norm_of_an_instance_norm_3d_export(setup, tmp_path, monkeypatch):
+    from ctssl.models import resnet18_3d
+    from ctssl.train import finetune as ft
+    from ctssl.train import sweep
+
+    export = tmp_path / "r18_3d_instance.pt"
+    torch.save(resnet18_3d(norm="instance").state_dict(), export)
+    seen = []
+
+    def record(config, *args, **kwargs):
+        seen.append(config)
+        if config.init == "random":
+            raise KeyboardInterrupt  # the random baseline's config is all this test needs
+        raise RuntimeError("not trained in this test")  # the sweep logs the cell as failed and goes on
+
+    monkeypatch.setattr(ft, "run_finetune", record)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(ft.make_config("test", data=setup["npz"], image_size=16, device="cpu"), tmp_path / "s",
+                        {"inst": str(export)}, [1.0], [0], log=lambda m: None)
+    random_config = next(c for c in seen if c.init == "random")
+    assert (random_config.arch, random_config.norm) == ("resnet18_3d", "instance")
+    model, info = ft.build_model(random_config, num_classes=2)
+    assert info["encoder_kwargs"] == {"norm": "instance"}
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+
+
+def test_norm_choice_is_refused_for_a_2d_encoder():
+    from ctssl.train import finetune as ft
+    from ctssl.train.config import FinetuneError
+
+    with pytest.raises(FinetuneError, match="--norm instance: only the 3-D ResNets take a norm choice, not resnet18"):
+        ft.build_model(ft.make_config("test", arch="resnet18", norm="instance"), num_classes=2)
+    with pytest.raises(FinetuneError, match="--norm must be 'batch' or 'instance'"):
+        ft.make_config("test", norm="group").validate()
