@@ -10,6 +10,7 @@ from torch import nn
 from ctssl.models import ConvNeXt, create_encoder
 from ctssl.sparse import get_backend
 from ctssl.sparse.backends.cuda import CudaBackend
+from ctssl.sparse.backends.minkowski import MinkowskiBackend
 from ctssl.sparse.modules import LayerNorm2d
 from ctssl.ssl import METHODS, create_method
 
@@ -73,9 +74,10 @@ def test_contrastive_methods_train_a_convnext(name):
 
 
 def test_backends_without_convnext_ops_are_refused_when_the_method_is_built():
-    with pytest.raises(ValueError, match="backend 'cuda' cannot run ConvNeXt: it has no depthwise_conv, .*not "
-                                         "implemented yet"):
-        create_method("spark", small_convnext(), backend=CudaBackend(), decoder_width=64)
+    with pytest.raises(ValueError, match="backend 'minkowski' cannot run ConvNeXt: it has no depthwise_conv, "
+                                         ".*MinkowskiEngine has no depthwise convolution"):
+        create_method("spark", small_convnext(), backend=MinkowskiBackend(), decoder_width=64)
+    create_method("spark", small_convnext(), backend=CudaBackend(), decoder_width=64)  # issue 16: cuda runs it
     pytest.importorskip("spconv.pytorch")
     with pytest.raises(ValueError, match="backend 'spconv' cannot run ConvNeXt: .*no depthwise convolution"):
         create_method("spark", small_convnext(), backend="spconv", decoder_width=64)
