@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ctssl.train.logger import read_log
 
 from .bars_data import write_npz
-from .test_pretrain_ddp import _free_ports
+from .ranks import free_ports, start_ranks, wait_for_ranks
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _WORKER = """
 import json, os, sys
@@ -33,20 +27,7 @@ def test_two_ranks_evaluate_on_rank_0_only(pretrain_store, tiny_config, tmp_path
     bars = write_npz(tmp_path / "bars.npz", n=(12, 8, 4))
     cfg = tiny_config("byol", pretrain_store, tmp_path / "ddp", batch_size=2, max_steps=3, eval_data=bars,
                       eval_every=2, ckpt_every=2)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_ports(1)[0]), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    arg = json.dumps(dataclasses.asdict(cfg))
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, arg], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    try:
-        for r, proc in enumerate(procs):
-            out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, f"rank {r} failed:\n{out[-3000:]}"
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    wait_for_ranks(start_ranks(_WORKER, json.dumps(dataclasses.asdict(cfg)), port=free_ports(1)[0]), timeout=300)
     records = read_log(tmp_path / "ddp" / "log.jsonl")
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [2, 3] and all(0.0 <= r["knn_acc"] <= 1.0 for r in evals)

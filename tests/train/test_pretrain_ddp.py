@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +23,9 @@ from ctssl.train import pretrain
 from ctssl.train.checkpoint import load_checkpoint
 from ctssl.train.pretrain import run_pretraining
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+from .ranks import free_ports, start_ranks, wait_for_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def content_mask(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,17 +68,6 @@ for cfg, port in json.loads(sys.argv[1]):
 METHODS = ("spark", "byol")
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(pretrain_store, tiny_config, tmp_path_factory):
     """Final checkpoints of each method: (one process with batch 4, two gloo ranks with batch 2 each)."""
@@ -92,12 +76,8 @@ def ddp_runs(pretrain_store, tiny_config, tmp_path_factory):
     single = {m: tiny_config(m, pretrain_store, tmp / m / "single", batch_size=4, max_steps=2, optimizer="sgd",
                              lr=0.05, grad_clip=None) for m in METHODS}
     ranks = [(dataclasses.asdict(dataclasses.replace(single[m], batch_size=2, out=str(tmp / m / "ddp"))), port)
-             for m, port in zip(METHODS, _free_ports(len(METHODS)))]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(ranks)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+             for m, port in zip(METHODS, free_ports(len(METHODS)))]
+    procs = start_ranks(_WORKER, json.dumps(ranks))
     try:
         from ctssl.ssl.spark import SparK
 
@@ -110,13 +90,11 @@ def ddp_runs(pretrain_store, tiny_config, tmp_path_factory):
                 one = {m: load_checkpoint(run_pretraining(single[m])) for m in METHODS}
             finally:
                 torch.set_default_dtype(default_dtype)
-        for r, proc in enumerate(procs):
-            out, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"rank {r} failed:\n{out[-3000:]}"
-    finally:
+    except BaseException:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+            proc.kill()
+        raise
+    wait_for_ranks(procs, timeout=600)
     return {m: (one[m], load_checkpoint(tmp / m / "ddp" / "checkpoint_final.pt")) for m in METHODS}
 
 
