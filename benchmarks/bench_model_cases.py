@@ -100,15 +100,16 @@ def encoder_workload(profile: Profile, backend: Backend | None, mask_ratio: floa
     return Workload(step, sets, batch, info, exclude=params + [s[0] for s in sets])
 
 
-def spark_workload(profile: Profile, backend: Backend, mask_ratio: float) -> Workload:
-    """One SparK training step: masked encoder, densify, light decoder, masked-patch loss,
-    backward, optimizer step. AdamW stands in for LAMB (not in torch); its cost is similar."""
+def spark_workload(profile: Profile, backend: Backend, mask_ratio: float, decoder_impl: str = "eager") -> Workload:
+    """One SparK training step: masked encoder, densify, light decoder (computed as ``decoder_impl`` says),
+    masked-patch loss, backward, optimizer step. AdamW stands in for LAMB (not in torch); its cost is similar."""
     from ctssl.ssl import create_method  # skipped by the caller when ctssl.ssl is missing
 
     torch.manual_seed(0)
     encoder = create_encoder(profile.encoder)
     method = create_method("spark", encoder, backend.name, mask_ratio=mask_ratio, check_finite=False,
-                           decoder_width=profile.decoder_width, input_size=profile.model_size)
+                           decoder_width=profile.decoder_width, input_size=profile.model_size,
+                           decoder_impl=decoder_impl)
     method = _place(method, profile, profile.channels_last).train()
     opt = torch.optim.AdamW(method.param_groups(0.04), lr=1e-4, betas=(0.9, 0.95))
     B, S = profile.model_batch, profile.model_size
@@ -125,9 +126,11 @@ def spark_workload(profile: Profile, backend: Backend, mask_ratio: float) -> Wor
         opt.step()
         return loss.detach()
 
-    info = _model_info(profile, f"SparK step ({profile.encoder}, decoder {profile.decoder_width})", backend.name,
+    info = _model_info(profile, f"SparK step ({profile.encoder}, decoder {profile.decoder_width}"
+                       + ("" if decoder_impl == "eager" else f", {decoder_impl}") + ")", backend.name,
                        mask_ratio, B, S, profile.amp_dtype, profile.channels_last, encoder=profile.encoder,
-                       decoder_width=profile.decoder_width, optimizer="AdamW (stand-in for LAMB)")
+                       decoder_width=profile.decoder_width, decoder_impl=decoder_impl,
+                       optimizer="AdamW (stand-in for LAMB)")
     info["visible_fraction"] = float(sets[0][1].float().mean())
     params = [p for p in method.parameters()]
     return Workload(step, sets, B, info, exclude=params + [s[0] for s in sets])

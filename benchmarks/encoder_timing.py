@@ -66,6 +66,9 @@ from bench_timing import (  # noqa: E402
 )
 
 FORMAT = "ctssl-encoder-timing/1"
+SPARK_REFERENCE_IMAGES_PER_S = 800 * 1_281_167 / (48 * 3600 * 32)
+"""SparK's own ResNet-50 pre-training, the figure its users know: 800 ImageNet epochs (1,281,167 images) on 32 A100s
+in about 48 h with the dense emulation, about 185 images/s per A100 (paper-notes.md)."""
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 LOSS_TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 1e-3}
 
@@ -85,6 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
     ap.add_argument("--spark", action="store_true",
                     help="also time a whole SparK step per backend at the first mask ratio (needs ctssl.ssl)")
+    ap.add_argument("--no-encoder", action="store_true", help="with --spark: time only the SparK steps")
+    ap.add_argument("--decoder-impls", default="eager",
+                    help="SparK step: comma-separated decoder implementations (eager, channels-last, subpixel, "
+                         "compiled; '+' combines them). The first runs on every backend (the emulation's step is "
+                         "the baseline), the others on --decoder-backend")
+    ap.add_argument("--decoder-backend", default="auto",
+                    help="the backend the other decoder implementations run on (auto: what `--backend auto` picks "
+                         "on this device for this encoder)")
+    ap.add_argument("--spark-target", type=float, default=0.0, metavar="SPEEDUP",
+                    help="goal: the fastest SparK step at least SPEEDUP times faster than the emulation's step "
+                         "(first decoder implementation); exit code 3 when missed")
     ap.add_argument("--decoder-width", type=int, default=768)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--threads", type=int, default=None,
@@ -127,6 +141,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--arch {args.arch!r} is not a registered encoder; choose one of {', '.join(encoder_names())}")
     if args.isolate and args.spark:
         ap.error("--isolate runs encoder cases only; leave out --spark")
+    if args.no_encoder and not args.spark:
+        ap.error("--no-encoder leaves nothing to time without --spark")
+    from ctssl.models.decoder import parse_decoder_impl
+    args.impls = [i.strip() for i in args.decoder_impls.split(",") if i.strip()]
+    try:
+        for impl in args.impls:
+            parse_decoder_impl(impl)
+    except ValueError as exc:
+        ap.error(f"--decoder-impls: {exc}")
+    if not args.impls:
+        ap.error("--decoder-impls names no implementation")
+    if args.spark_target < 0:
+        ap.error("--spark-target must be positive (or 0: none)")
     return args
 
 
@@ -232,13 +259,15 @@ def load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def add_comparisons(rows: list[dict[str, Any]], precision: str) -> None:
-    """Speed-ups against the two baselines and the loss check against the emulation."""
+def add_comparisons(rows: list[dict[str, Any]], precision: str, baseline_impl: str = "eager") -> None:
+    """Speed-ups against the two baselines and the loss check against the emulation (for SparK steps: the
+    emulation's step with the ``baseline_impl`` decoder, whatever decoder the compared step ran)."""
     def key(r):
         return (r.get("case_kind"), r.get("mask_ratio"))
     ok = [r for r in rows if r.get("status") == "ok"]
     nomask = {r.get("case_kind"): r for r in ok if r["backend"] == NOMASK}
-    emulation = {key(r): r for r in ok if r["backend"] == EMULATION}
+    emulation = {key(r): r for r in ok if r["backend"] == EMULATION
+                 and r.get("decoder_impl", baseline_impl) == baseline_impl}
     for r in ok:
         base = nomask.get(r.get("case_kind"))
         if base is not None:
@@ -270,7 +299,8 @@ def markdown(result: dict[str, Any]) -> str:
     memory = (f"- peak memory: {PEAK_RSS_METHOD}; median over the timed steps"
               f"{', every case in a fresh process' if c.get('isolate') else ''}" if on_cpu else
               "- peak memory: max_memory_allocated above the warmed-up baseline (weights and inputs excluded)")
-    lines = [f"# Encoder timing on {m['device_name']}", "",
+    title = "SparK step timing" if c.get("no_encoder") else "Encoder timing"
+    lines = [f"# {title} on {m['device_name']}", "",
              f"- date: {m['date']}", f"- command: `{m['command']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- git commit: {m['git_commit']}",
@@ -317,6 +347,30 @@ def markdown(result: dict[str, Any]) -> str:
             met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['backend']} | {t['baseline']} | {fmt(t['mask_ratio'], '.2f')} | "
                          f">= {t['required_speedup']:.2f}x | {times(t['measured_speedup']) or '-'} | {met} |")
+    s = result.get("spark_step")
+    if s:
+        lines += ["", "## The whole SparK step", "",
+                  f"- fastest: {s['best_backend']} with the {s['best_decoder_impl']} decoder, "
+                  f"{s['best_median_ms']:.2f} ms, {fmt(s['best_images_per_s'], '.4g')} images/s"
+                  + ("" if s["speedup_vs_emulation"] is None else
+                     f"; the emulation's step {s['emulation_median_ms']:.2f} ms "
+                     f"({fmt(s['emulation_images_per_s'], '.4g')} images/s): {times(s['speedup_vs_emulation'])}"),
+                  f"- against SparK's own pre-training (800 ImageNet epochs on 32 A100s in about 48 h, dense "
+                  f"emulation: {s['spark_reference_images_per_s']:.0f} images/s per A100): "
+                  f"{times(s['vs_spark_reference'])} per card (other card, batch and image source: a reference "
+                  f"point, not a like-for-like comparison)",
+                  f"- decoder implementations on {s['best_backend']}: " + ", ".join(
+                      f"{impl} {ms:.2f} ms" for impl, ms in s["decoder_impls_timed"].items())
+                  + f"; fastest: {s['fastest_decoder_impl']}"]
+        if s["required_speedup"]:
+            met = "not measured" if s["met"] is None else ("yes" if s["met"] else "**no**")
+            lines.append(f"- target: at least {s['required_speedup']:.2f}x faster than the emulation's step: {met}")
+    auto = result.get("auto")
+    if auto:
+        lines += ["", f"`--backend auto` picks {auto['picked'] or 'nothing (' + str(auto['error']) + ')'} here; "
+                      f"the fastest encoder measured in this run at mask {fmt(auto['mask_ratio'], '.2f')}: "
+                      f"{auto['fastest_measured'] or 'none'}"
+                      + ("" if auto["agrees"] is None else (" (agrees)" if auto["agrees"] else " (**differs**)"))]
     profiled = [r for r in result["results"] if r.get("status") == "ok" and "kernel_profile" in r]
     if profiled:
         lines += ["", "## Where the time goes", ""]
@@ -359,19 +413,68 @@ def write(result, args) -> None:
             f.write(markdown(result))
 
 
-def plan(args, names):
-    """(case_kind, backend, mask ratio) in the order they are timed: most important first."""
+def plan(args, names, decoder_backend: str | None = None):
+    """(case_kind, backend, mask ratio, decoder implementation) in the order they are timed: most important
+    first. SparK steps: the first decoder implementation on every backend, then the others on
+    ``decoder_backend`` (None: nowhere)."""
     jobs = []
-    for i, ratio in enumerate(args.ratios):
+    for i, ratio in enumerate([] if args.no_encoder else args.ratios):
         for name in names:
             if name == NOMASK:
                 if i == 0:
-                    jobs.append(("encoder", name, None))
+                    jobs.append(("encoder", name, None, None))
             else:
-                jobs.append(("encoder", name, ratio))
+                jobs.append(("encoder", name, ratio, None))
     if args.spark:
-        jobs += [("spark", name, args.ratios[0]) for name in names if name != NOMASK]
+        jobs += [("spark", name, args.ratios[0], args.impls[0]) for name in names if name != NOMASK]
+        if decoder_backend is not None:
+            jobs += [("spark", decoder_backend, args.ratios[0], impl) for impl in args.impls[1:]]
     return jobs
+
+
+def auto_pick(device: torch.device, ops) -> tuple[str | None, str | None]:
+    """What ``--backend auto`` picks on ``device`` for an encoder with ``ops``: (name, None) or (None, why not)."""
+    from ctssl.sparse import get_backend
+    try:
+        return get_backend("auto", device, ops=ops).name, None
+    except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def auto_record(rows: list[dict[str, Any]], picked: str | None, error: str | None, ratio: float) -> dict[str, Any]:
+    """What ``auto`` picked beside the fastest masked encoder this run measured at ``ratio`` (the emulation and the
+    unmasked baseline are not candidates)."""
+    timed = [r for r in rows if r.get("status") == "ok" and r.get("case_kind") == "encoder"
+             and r.get("mask_ratio") == ratio and r["backend"] not in (EMULATION, NOMASK)]
+    fastest = min(timed, key=lambda r: r["median_ms"])["backend"] if timed else None
+    return {"picked": picked, "error": error, "mask_ratio": ratio, "fastest_measured": fastest,
+            "agrees": None if picked is None or fastest is None else picked == fastest}
+
+
+def spark_summary(rows: list[dict[str, Any]], baseline_impl: str, required: float) -> dict[str, Any] | None:
+    """The whole SparK step: the fastest one against the emulation's (``baseline_impl`` decoder) and against
+    SparK's own pre-training throughput; the fastest decoder implementation; the ``required`` speed-up (0: none)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("case_kind") == "spark"]
+    emulation = next((r for r in ok if r["backend"] == EMULATION and r.get("decoder_impl") == baseline_impl), None)
+    packed = [r for r in ok if r["backend"] != EMULATION]
+    if not packed:
+        return None
+    best = min(packed, key=lambda r: r["median_ms"])
+    impls = [r for r in packed if r["backend"] == best["backend"]]
+    fastest_impl = min(impls, key=lambda r: r["median_ms"])
+    speedup = None if emulation is None else emulation["median_ms"] / best["median_ms"]
+    return {"best_backend": best["backend"], "best_decoder_impl": best.get("decoder_impl"),
+            "best_median_ms": best["median_ms"], "best_images_per_s": best["images_per_s"],
+            "emulation_median_ms": None if emulation is None else emulation["median_ms"],
+            "emulation_images_per_s": None if emulation is None else emulation["images_per_s"],
+            "speedup_vs_emulation": speedup,
+            "vs_spark_reference": (None if best["images_per_s"] is None
+                                   else best["images_per_s"] / SPARK_REFERENCE_IMAGES_PER_S),
+            "spark_reference_images_per_s": SPARK_REFERENCE_IMAGES_PER_S,
+            "fastest_decoder_impl": fastest_impl.get("decoder_impl"),
+            "decoder_impls_timed": {r.get("decoder_impl"): r["median_ms"] for r in impls},
+            "required_speedup": required or None,
+            "met": None if not required or speedup is None else speedup >= required}
 
 
 def run_isolated(args, name: str, ratio: float | None) -> dict[str, Any]:
@@ -409,16 +512,32 @@ def main(argv=None) -> int:
               "config": {"arch": args.arch, "batch": args.batch, "size": args.size, "spatial_dims": dims,
                          "precision": args.precision, "channels_last": args.channels_last, "warmup": args.warmup,
                          "iters": args.iters, "rotate": args.rotate, "mask_ratios": args.ratios,
-                         "decoder_width": args.decoder_width, "threads": threads, "isolate": args.isolate},
+                         "decoder_width": args.decoder_width, "threads": threads, "isolate": args.isolate,
+                         "decoder_impls": args.impls if args.spark else None, "no_encoder": args.no_encoder},
               "results": []}
     print(f"encoder_timing: {result['machine']['device_name']}, {args.arch} batch {args.batch} @ {args.size}"
           f"{'^3' if dims == 3 else 'px'}, {args.precision}, backends {', '.join(names)}", flush=True)
     start = time.monotonic()
     from ctssl.sparse import get_backend
-    for kind, name, ratio in plan(args, names):
+    picked, pick_error = None, None
+    decoder_backend, decoder_backend_error = None, None
+    if args.spark and len(args.impls) > 1:
+        decoder_backend = args.decoder_backend
+        if decoder_backend == "auto":
+            picked, pick_error = auto_pick(profile.device, ops)
+            decoder_backend, decoder_backend_error = picked, pick_error
+        result["config"]["decoder_backend"] = decoder_backend
+        if decoder_backend is None:
+            result["results"] += [{"case_kind": "spark", "backend": "auto", "mask_ratio": args.ratios[0],
+                                   "decoder_impl": impl, "case": f"SparK step ({args.arch}, {impl} decoder)",
+                                   "status": "skipped", "reason": f"auto picks no backend: {decoder_backend_error}"}
+                                  for impl in args.impls[1:]]
+    for kind, name, ratio, impl in plan(args, names, decoder_backend):
         base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,
                 "case": f"{args.arch} encoder fwdbwd" if kind == "encoder"
-                else f"SparK step ({args.arch}, decoder {args.decoder_width})"}
+                else f"SparK step ({args.arch}, decoder {args.decoder_width}, {impl})"}
+        if kind == "spark":
+            base["decoder_impl"] = impl
         reason = why_not(name, profile.device, ops)
         if reason is None and kind == "spark":
             try:
@@ -438,7 +557,7 @@ def main(argv=None) -> int:
                 return encoder_workload(profile, backend, ratio)
         else:
             def build():
-                return spark_workload(profile, backend, ratio)
+                return spark_workload(profile, backend, ratio, impl)
         t0 = time.monotonic()
         try:
             kernels = args.profile_kernels > 0 and kind == "encoder" and ratio in (None, args.ratios[0])
@@ -456,22 +575,30 @@ def main(argv=None) -> int:
                    "traceback": traceback.format_exc(limit=8)}
             print(f"  ERROR {kind} {name} mask {ratio}: {type(exc).__name__}: {exc}", flush=True)
         result["results"].append(row)
-        add_comparisons(result["results"], args.precision)
+        add_comparisons(result["results"], args.precision, args.impls[0])
         write(result, args)
         gc.collect()
         if profile.device.type == "cuda":
             torch.cuda.empty_cache()
-    add_comparisons(result["results"], args.precision)
+    add_comparisons(result["results"], args.precision, args.impls[0])
     result["machine"]["load_average_end"] = load_average()
     if args.targets:
         result["targets"] = check_targets(result["results"], args.targets, args.ratios[0])
+    if args.spark:
+        result["spark_step"] = spark_summary(result["results"], args.impls[0], args.spark_target)
+    if not args.no_encoder:
+        result["auto"] = auto_record(result["results"], *(auto_pick(profile.device, ops) if picked is None
+                                                          and pick_error is None else (picked, pick_error)),
+                                     args.ratios[0])
     write(result, args)
     print(markdown(result), flush=True)
     bad = [r for r in result["results"] if r.get("status") == "error" or r.get("loss_check") == "MISMATCH"
            or (r.get("status") == "ok" and not r.get("loss_finite", True))]
     if bad:
         return 1
-    return 3 if any(t["met"] is False for t in result.get("targets", [])) else 0
+    missed = any(t["met"] is False for t in result.get("targets", [])) or (
+        (result.get("spark_step") or {}).get("met") is False)
+    return 3 if missed else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #   CTSSL_GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # CPU rehearsal of the pipeline, tiny sizes
+#   CTSSL_GPU_CHECK_ONLY="spark convnext" bash benchmarks/gpu_check.sh   # a rerun of what failed (env and
+#                                           # build always run; the other stages are listed as not selected)
 #
 # Stages (each under its own `timeout`, all inside CTSSL_GPU_CHECK_BUDGET_S, default 510 s; give the
 # device call timeout_s=570):
@@ -13,7 +15,10 @@
 #   timing     benchmarks/encoder_timing.py: ResNet-50 fwd+bwd, batch 128, 224 px, bf16 autocast,
 #              channels-last, mask ratios 0.6/0.3/0.9, every available backend + dense emulation +
 #              plain dense (no mask), CUDA events, peak memory, the top kernels of each backend at
-#              mask 0.6 (torch.profiler); then a SparK step per backend
+#              mask 0.6 (torch.profiler)
+#   spark      the whole SparK step (ResNet-50, decoder 768, AdamW) per backend and the emulation, then the
+#              decoder alternatives (channels-last, subpixel, compiled, all three) on auto's pick; target: the
+#              fastest step at least 4x faster than the emulation's; images/s against SparK's 185/s per A100
 #   timing3d   the same for volumes: ResNet-18-3D fwd+bwd, batch 8, 128^3 crops, mask ratio 0.6, bf16
 #              autocast, channels-last-3d, every backend that takes volumes (the others are listed as skipped)
 #   convnext   the same for ConvNeXt-S at mask 0.6 (plain dense, emulation, torch, triton, cuda) and issue 16's
@@ -21,8 +26,8 @@
 #   sanitizer  compute-sanitizer memcheck on the cuda backend's GPU op tests (if ctssl._C was built)
 #   ops        pytest-benchmark op suite, 3x3 convs in bf16 at mask 0.6 (whatever budget is left)
 # Everything lands in $OUT (default ./out): gpu_check.log, summary.md (card, date, command, versions,
-# stage results, every figure), encoder_timing.json/.md, convnext_timing.json/.md, gpu_tests.xml,
-# triton_tests.xml, ops_bench.json.
+# stage results, every figure), encoder_timing.json/.md, spark_step.json/.md, encoder_timing_3d.json/.md,
+# convnext_timing.json/.md, gpu_tests.xml, triton_tests.xml, ops_bench.json.
 # Commit them under benchmarks/results/<date>-<card>/ (the folder name is printed at the end).
 set -u -o pipefail
 
@@ -32,6 +37,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUDGET_S=${CTSSL_GPU_CHECK_BUDGET_S:-510}
 SMOKE=${CTSSL_GPU_CHECK_SMOKE:-0}
+ONLY=${CTSSL_GPU_CHECK_ONLY:-}
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ "$SMOKE" == 1 && -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3; fi
@@ -46,6 +52,11 @@ remaining() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 # stage NAME CAP_SECONDS "COMMAND": run under timeout min(CAP, budget left); record rc and time.
 stage() {
   local name=$1 cap=$2 cmd=$3 left limit start rc dt what
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* && " env wheels build " != *" $name "* ]]; then
+    echo "=== $name: not selected (CTSSL_GPU_CHECK_ONLY=$ONLY)"
+    STATUS_ROWS+=("| $name | not selected | 0 |")
+    return 0
+  fi
   left=$(remaining)
   limit=$(( cap < left ? cap : left ))
   if (( limit < 15 )); then
@@ -122,10 +133,19 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   TIMING_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6,0.3,0.9 --precision bf16 --channels-last --warmup 5 --iters 20 --rotate 3 --decoder-width 768 --profile-kernels 15"
 fi
-TIMING_CAP=210
+TIMING_CAP=170
 TIMING_DEADLINE=$(( $(remaining) < TIMING_CAP ? $(remaining) : TIMING_CAP ))
 TIMING_DEADLINE=$(( TIMING_DEADLINE > 60 ? TIMING_DEADLINE - 45 : 15 ))
-stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --spark --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
+stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS --deadline-s $TIMING_DEADLINE --json $OUT/encoder_timing.json --markdown $OUT/encoder_timing.md"
+
+# --- the whole SparK step (issue 13, items 3 and 4): backends, then the decoder alternatives --------
+if [[ "$SMOKE" == 1 ]]; then
+  SPARK_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96 --backends dense,torch --decoder-impls eager,subpixel,channels-last"
+else
+  SPARK_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2 --decoder-width 768 --decoder-impls eager,channels-last,subpixel,compiled,compiled+subpixel+channels-last"
+fi
+SPARK_CAP=130
+stage spark $SPARK_CAP "$PY benchmarks/encoder_timing.py $SPARK_ARGS --spark --no-encoder --spark-target 4 --deadline-s $(( SPARK_CAP - 40 )) --json $OUT/spark_step.json --markdown $OUT/spark_step.md"
 
 # --- volumes (issue 17): the 3-D encoder on every backend that takes volumes -------------
 if [[ "$SMOKE" == 1 ]]; then
@@ -188,6 +208,8 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
   echo
   if [[ -f $OUT/encoder_timing.md ]]; then sed 's/^# /## /' "$OUT/encoder_timing.md"; else echo "(no encoder timing results)"; fi
   echo
+  if [[ -f $OUT/spark_step.md ]]; then sed 's/^#/##/' "$OUT/spark_step.md"; else echo "(no SparK step results)"; fi
+  echo
   if [[ -f $OUT/encoder_timing_3d.md ]]; then sed 's/^# /## Volumes: /' "$OUT/encoder_timing_3d.md"; else echo "(no 3-D encoder timing results)"; fi
   if [[ -f $OUT/convnext_timing.md ]]; then sed 's/^#/##/' "$OUT/convnext_timing.md"; else echo "(no ConvNeXt timing results)"; fi
   echo
@@ -206,6 +228,7 @@ echo "=== stages"
 printf '%s\n' "${STATUS_ROWS[@]}"
 echo
 if [[ -f $OUT/encoder_timing.md ]]; then grep '^|' "$OUT/encoder_timing.md"; fi
+if [[ -f $OUT/spark_step.md ]]; then grep '^|\|^- fastest\|^- target\|^- decoder' "$OUT/spark_step.md"; fi
 if [[ -f $OUT/encoder_timing_3d.md ]]; then grep '^|' "$OUT/encoder_timing_3d.md"; fi
 if [[ -f $OUT/convnext_timing.md ]]; then grep '^|' "$OUT/convnext_timing.md"; fi
 echo

@@ -115,6 +115,8 @@ class SparK(SSLMethod):
         "steps_per_epoch": None,
         # method
         "mask_ratio": 0.6, "decoder_width": 768, "input_size": 224, "check_finite": True, "vis_images": 8,
+        # how the dense decoder computes (``ctssl.models.decoder.DECODER_IMPLS``): exact alternatives, same weights
+        "decoder_impl": "eager",
     }
 
     def __init__(self, encoder: nn.Module, backend: str | Backend = "auto", **hparams):
@@ -146,7 +148,8 @@ class SparK(SSLMethod):
         self.densify_projs = nn.ModuleList(
             nn.Identity() if i == 0 and ce == cd else conv(ce, cd, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
             for i, (ce, cd) in enumerate(zip(enc_widths, dec_widths)))
-        self.decoder = LightDecoder(width, out_chans=encoder.in_chans, num_blocks=5, spatial_dims=dims)
+        self.decoder = LightDecoder(width, out_chans=encoder.in_chans, num_blocks=5, spatial_dims=dims,
+                                    impl=hp["decoder_impl"])
 
     # --- pieces --------------------------------------------------------------
     def _images(self, batch) -> torch.Tensor:

@@ -77,6 +77,9 @@ class PretrainConfig:
     drop_path_rate: float = 0.05
     mask_ratio: float | None = None
     """SparK only: fraction of 32x32 patches hidden from the encoder (None: the method's 0.6)."""
+    decoder_impl: str | None = None
+    """SparK only: how the light decoder computes (eager, channels-last, subpixel, compiled, or several joined with
+    ``+``; None: the method's default). Exact alternatives with the same weights: checkpoints move between them."""
     hparams: dict = field(default_factory=dict)
     """Extra method-specific keyword arguments for ``ctssl.ssl.create_method`` (temperature, queue_size...)."""
     init: str | None = None
@@ -205,6 +208,14 @@ class PretrainConfig:
                 raise ConfigError(f"mask_ratio applies to spark only, not to {self.method}")
             if not 0.0 < self.mask_ratio < 1.0:
                 raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_impl is not None:
+            if self.method != "spark":
+                raise ConfigError(f"decoder_impl applies to spark only, not to {self.method}")
+            from ctssl.models.decoder import parse_decoder_impl
+            try:
+                parse_decoder_impl(self.decoder_impl)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "ckpt_every": self.ckpt_every,
                     "vis_every": self.vis_every}
         for name, value in positive.items():

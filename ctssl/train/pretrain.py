@@ -110,6 +110,8 @@ def method_hparams(cfg: PretrainConfig, defaults: dict[str, Any], plan: RunPlan 
     hparams = {k: v for k, v in values.items() if k in defaults}
     if cfg.mask_ratio is not None:
         hparams["mask_ratio"] = cfg.mask_ratio
+    if cfg.decoder_impl is not None:
+        hparams["decoder_impl"] = cfg.decoder_impl
     hparams.update(cfg.hparams)
     return hparams
 

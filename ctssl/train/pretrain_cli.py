@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "resampled to (default 1.5)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     p.add_argument("--mask-ratio", type=float, help="SparK's mask ratio (default 0.6)")
+    p.add_argument("--decoder-impl", metavar="IMPL",
+                   help="how SparK's dense decoder computes: eager (default), channels-last, subpixel, compiled, or "
+                        "several joined with '+' (e.g. compiled+subpixel); exact alternatives, same weights")
     p.add_argument("--seed", type=int, help="seed of the weights, the data order, augmentations and masks (default 0)")
     p.add_argument("--device", choices=DEVICES, help="auto (default): the GPU when there is one, else the CPU")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
@@ -124,6 +127,7 @@ _FLAG_FIELDS = {
     "backend": "backend", "data": "data", "out": "out", "arch": "arch", "in_chans": "in_chans",
     "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "crop_size": "crop_size",
     "volume_spacing": "volume_spacing", "lr": "lr", "mask_ratio": "mask_ratio",
+    "decoder_impl": "decoder_impl",
     "seed": "seed", "device": "device", "amp": "amp", "workers": "workers", "init": "init",
 }
 

@@ -64,6 +64,51 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert rows["torch"]["loss_check"] == "ok"  # same weights, same input: the same loss as the emulation
     assert rows["torch"]["visible_fraction"] == 0.5
     assert "| torch | 0.50 |" in md.read_text()
+    assert data["auto"] == {"picked": "torch", "error": None, "mask_ratio": 0.5, "fastest_measured": "torch",
+                            "agrees": True}  # on the CPU auto has one candidate, and it was the one timed
+
+
+def test_spark_steps_with_decoder_implementations_and_the_spark_target(tmp_path):
+    """--no-encoder --spark: the first decoder implementation on every backend, the others on auto's pick; the
+    summary compares with the emulation's step and SparK's reference; a missed --spark-target exits 3."""
+    out = tmp_path / "spark.json"
+    rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18", "--batch", "1", "--size", "64",
+                              "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
+                              "--warmup", "0", "--iters", "1", "--rotate", "1", "--decoder-width", "64", "--spark",
+                              "--no-encoder", "--decoder-impls", "eager,subpixel", "--spark-target", "1000",
+                              "--json", str(out), "--markdown", str(tmp_path / "spark.md")])
+    assert rc == 3  # nothing on a CPU is 1000x faster than the emulation
+    data = json.loads(out.read_text())
+    rows = [(r["case_kind"], r["backend"], r["decoder_impl"], r["status"]) for r in data["results"]]
+    assert rows == [("spark", "dense", "eager", "ok"), ("spark", "torch", "eager", "ok"),
+                    ("spark", "torch", "subpixel", "ok")]
+    assert data["config"]["decoder_backend"] == "torch"
+    by_impl = {r["decoder_impl"]: r for r in data["results"] if r["backend"] == "torch"}
+    assert by_impl["subpixel"]["loss_check"] == "ok"  # an exact alternative: the emulation's loss
+    s = data["spark_step"]
+    assert s["best_backend"] == "torch" and s["met"] is False and s["required_speedup"] == 1000
+    assert set(s["decoder_impls_timed"]) == {"eager", "subpixel"}
+    assert s["speedup_vs_emulation"] == pytest.approx(s["emulation_median_ms"] / s["best_median_ms"])
+    assert "auto" not in data
+    text = (tmp_path / "spark.md").read_text()
+    assert "## The whole SparK step" in text and "185 images/s per A100" in text and "**no**" in text
+
+
+def test_spark_summary_picks_the_fastest_step_and_decoder():
+    def row(backend, impl, ms):
+        return {"status": "ok", "case_kind": "spark", "backend": backend, "decoder_impl": impl, "median_ms": ms,
+                "images_per_s": 128 / (ms / 1e3)}
+    rows = [row("dense", "eager", 400.0), row("triton", "eager", 120.0), row("cuda", "eager", 110.0),
+            row("cuda", "subpixel", 95.0), row("cuda", "compiled", 80.0),
+            {"status": "error", "case_kind": "spark", "backend": "spconv", "decoder_impl": "eager", "reason": "x"}]
+    s = encoder_timing.spark_summary(rows, "eager", 4.0)
+    assert (s["best_backend"], s["best_decoder_impl"], s["fastest_decoder_impl"]) == ("cuda", "compiled", "compiled")
+    assert s["speedup_vs_emulation"] == 5.0 and s["met"] is True
+    assert s["decoder_impls_timed"] == {"eager": 110.0, "subpixel": 95.0, "compiled": 80.0}
+    assert s["vs_spark_reference"] == pytest.approx(1600 / encoder_timing.SPARK_REFERENCE_IMAGES_PER_S)
+    assert round(encoder_timing.SPARK_REFERENCE_IMAGES_PER_S) == 185
+    assert encoder_timing.spark_summary(rows, "eager", 6.0)["met"] is False
+    assert encoder_timing.spark_summary(rows[:1], "eager", 4.0) is None  # only the emulation was timed
 
 
 def test_targets_compare_medians_at_the_first_ratio():

@@ -61,13 +61,15 @@ def test_settings_precedence_preset_file_set_flags(tmp_path):
     toml.write_text('arch = "resnet34"\nbatch_size = 16\nlr = 0.5\n[hparams]\ndecoder_width = 96\n')
     args = build_parser().parse_args(["--method", "spark", "--preset", "toy", "--config", str(toml), "--data", "d",
                                       "--set", "batch_size=12", "--set", "hparams.mask_ratio=0.75",
-                                      "--batch-size", "6", "--steps", "7"])
+                                      "--batch-size", "6", "--steps", "7", "--decoder-impl", "compiled+subpixel"])
     cfg, resume = build_config(args)
     assert resume is None
     assert cfg.image_size == 64 and cfg.warmup_steps == 2  # preset
     assert cfg.arch == "resnet34" and cfg.lr == 0.5  # file over preset
     assert cfg.hparams == {"decoder_width": 96, "mask_ratio": 0.75}  # file and --set tables merged
     assert cfg.batch_size == 6 and cfg.max_steps == 7  # flags over --set over file
+    hparams = pretrain.method_hparams(cfg, {"mask_ratio": 0.6, "decoder_impl": "eager"})
+    assert hparams["decoder_impl"] == "compiled+subpixel"  # the flag reaches the method
 
     paper, _ = build_config(build_parser().parse_args(["--method", "mocov2", "--data", "d"]))
     assert (paper.batch_size, paper.optimizer, paper.base_lr, paper.epochs, paper.arch) == \
@@ -113,6 +115,12 @@ def _bad_inputs(store: Path, tmp: Path):
                       "image_size must be an integer", tmp / "h"),
         "bad hparam": (["--method", "spark", *toy, "--set", "hparams.decoder_width=abc", "--data", str(store),
                         "--out", str(tmp / "i")], "hparams.decoder_width must be an integer, got 'abc'", tmp / "i"),
+        "unknown decoder impl": (["--method", "spark", *toy, "--decoder-impl", "fast+subpixel", "--data", str(store),
+                                  "--out", str(tmp / "j")], "decoder_impl 'fast+subpixel': expected one of eager, "
+                                 "channels-last, subpixel, compiled", tmp / "j"),
+        "decoder impl of byol": (["--method", "byol", *toy, "--decoder-impl", "subpixel", "--data", str(store),
+                                  "--out", str(tmp / "k")], "decoder_impl applies to spark only, not to byol",
+                                 tmp / "k"),
         "out is a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file)],
                           f"--out {a_file} is a file, not a directory", a_file),
         "out under a file": (["--method", "spark", *toy, "--data", str(store), "--out", str(a_file / "run")],
@@ -122,7 +130,8 @@ def _bad_inputs(store: Path, tmp: Path):
 
 @pytest.mark.parametrize("case", ["unknown method", "unknown backend", "missing data", "not a store", "empty store",
                                   "corrupt resume", "image size", "existing run", "nothing to resume", "bad --set",
-                                  "bad hparam", "out is a file", "out under a file"])
+                                  "bad hparam", "unknown decoder impl", "decoder impl of byol", "out is a file",
+                                  "out under a file"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, pretrain_store, tmp_path, capsys):
     argv, message, out = _bad_inputs(pretrain_store, tmp_path)[case]
     before = _snapshot(out)
