@@ -111,6 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--target", action="append", default=[], metavar="BACKEND:BASELINE:SPEEDUP",
                     help="a goal to check and record: BACKEND at least SPEEDUP times faster than BASELINE at the "
                          "first mask ratio (e.g. triton:dense-nomask:2); exit code 3 when one is missed")
+    ap.add_argument("--budget", action="append", default=[], metavar="BACKEND:MS[:GIB]",
+                    help="an absolute goal to check and record: BACKEND's encoder step at the first mask ratio at most "
+                         "MS milliseconds (and GIB GiB peak memory), e.g. triton:10:2.5; exit code 3 when missed")
+    ap.add_argument("--falls-with-mask", action="store_true",
+                    help="a goal: every packed backend timed at several mask ratios is faster at a higher ratio "
+                         "(checked and recorded; exit code 3 when one is not)")
     ap.add_argument("--isolate", action="store_true",
                     help="run every (backend, mask ratio) case in a fresh process (encoder cases only)")
     ap.add_argument("--json", required=True, help="output JSON path")
@@ -136,6 +142,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             assert len(parts) == 3 and parts[0] and parts[1] and float(parts[2]) > 0
         except (IndexError, ValueError, AssertionError):
             ap.error(f"--target {spec!r}: expected BACKEND:BASELINE:SPEEDUP, e.g. triton:dense-nomask:2")
+    args.budgets = []
+    for spec in args.budget:
+        parts = spec.split(":")
+        try:
+            assert len(parts) in (2, 3) and parts[0]
+            ms, gib = float(parts[1]), (float(parts[2]) if len(parts) == 3 else None)
+            assert ms > 0 and (gib is None or gib > 0)
+        except (ValueError, AssertionError):
+            ap.error(f"--budget {spec!r}: expected BACKEND:MS or BACKEND:MS:GIB, e.g. triton:10:2.5")
+        args.budgets.append((parts[0], ms, gib))
     from ctssl.models import encoder_names
     if args.arch not in encoder_names():
         ap.error(f"--arch {args.arch!r} is not a registered encoder; choose one of {', '.join(encoder_names())}")
@@ -347,6 +363,19 @@ def markdown(result: dict[str, Any]) -> str:
             met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['backend']} | {t['baseline']} | {fmt(t['mask_ratio'], '.2f')} | "
                          f">= {t['required_speedup']:.2f}x | {times(t['measured_speedup']) or '-'} | {met} |")
+    if result.get("budgets"):
+        lines += ["", "## Absolute goals", "", "| backend | mask ratio | at most ms | measured ms | at most GiB "
+                  "| measured GiB | met |", "|---|---|---|---|---|---|---|"]
+        for b in result["budgets"]:
+            met = "not measured" if b["met"] is None else ("yes" if b["met"] else "**no**")
+            lines.append(f"| {b['backend']} | {b['mask_ratio']:.2f} | {b['max_ms']:g} | {fmt(b['measured_ms'])} "
+                         f"| {fmt(b['max_gib'], 'g', '-')} | {fmt(b['measured_gib'])} | {met} |")
+    if result.get("falls_with_mask") is not None:
+        lines += ["", "## The time falls with the mask ratio", ""]
+        lines += [f"- {f['backend']}: " + ", ".join(f"mask {k}: {v:.2f} ms" for k, v in f["median_ms_by_ratio"].items())
+                  + (" (falls)" if f["met"] else " (**does not fall**)") for f in result["falls_with_mask"]]
+        if not result["falls_with_mask"]:
+            lines.append("- no packed backend was timed at two mask ratios")
     s = result.get("spark_step")
     if s:
         lines += ["", "## The whole SparK step", "",
@@ -396,6 +425,39 @@ def check_targets(rows: list[dict[str, Any]], targets, ratio: float) -> list[dic
         measured = None if b is None or t is None or t <= 0 else b / t
         out.append({"backend": backend, "baseline": baseline, "mask_ratio": ratio, "required_speedup": required,
                     "measured_speedup": measured, "met": None if measured is None else measured >= required})
+    return out
+
+
+def check_budgets(rows: list[dict[str, Any]], budgets, ratio: float) -> list[dict[str, Any]]:
+    """Each absolute goal (backend, max ms, max GiB or None) against the backend's encoder step at ``ratio``: met,
+    missed, or None where it was not timed."""
+    out = []
+    for backend, max_ms, max_gib in budgets:
+        row = next((r for r in rows if r.get("status") == "ok" and r.get("case_kind") == "encoder"
+                    and r["backend"] == backend and r.get("mask_ratio") == ratio), None)
+        ms = None if row is None else row["median_ms"]
+        gib = None if row is None else _gib(row.get("peak_mem_bytes"))
+        met = None if ms is None else ms <= max_ms and (max_gib is None or (gib is not None and gib <= max_gib))
+        out.append({"backend": backend, "mask_ratio": ratio, "max_ms": max_ms, "measured_ms": ms, "max_gib": max_gib,
+                    "measured_gib": gib, "met": met})
+    return out
+
+
+def check_falls_with_mask(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every packed backend timed at two or more mask ratios: whether its encoder step gets faster as the ratio
+    grows (the emulation computes every pixel whatever the mask, so it is not held to it)."""
+    by_backend: dict[str, dict[float, float]] = {}
+    for r in rows:
+        if (r.get("status") == "ok" and r.get("case_kind") == "encoder" and r.get("mask_ratio") is not None
+                and r["backend"] not in (EMULATION, NOMASK)):
+            by_backend.setdefault(r["backend"], {})[r["mask_ratio"]] = r["median_ms"]
+    out = []
+    for backend, medians in by_backend.items():
+        if len(medians) < 2:
+            continue
+        ordered = [medians[k] for k in sorted(medians)]
+        out.append({"backend": backend, "median_ms_by_ratio": {str(k): medians[k] for k in sorted(medians)},
+                    "met": all(b < a for a, b in zip(ordered, ordered[1:]))})
     return out
 
 
@@ -584,6 +646,10 @@ def main(argv=None) -> int:
     result["machine"]["load_average_end"] = load_average()
     if args.targets:
         result["targets"] = check_targets(result["results"], args.targets, args.ratios[0])
+    if args.budgets:
+        result["budgets"] = check_budgets(result["results"], args.budgets, args.ratios[0])
+    if args.falls_with_mask:
+        result["falls_with_mask"] = check_falls_with_mask(result["results"])
     if args.spark:
         result["spark_step"] = spark_summary(result["results"], args.impls[0], args.spark_target)
     if not args.no_encoder:
@@ -596,8 +662,9 @@ def main(argv=None) -> int:
            or (r.get("status") == "ok" and not r.get("loss_finite", True))]
     if bad:
         return 1
-    missed = any(t["met"] is False for t in result.get("targets", [])) or (
-        (result.get("spark_step") or {}).get("met") is False)
+    goals = [*result.get("targets", []), *result.get("budgets", []), *(result.get("falls_with_mask") or []),
+             result.get("spark_step") or {}]
+    missed = any(g.get("met") is False for g in goals)
     return 3 if missed else 0
 
 

@@ -54,7 +54,7 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     rc = encoder_timing.main(["--device", "cpu", "--arch", "resnet18", "--batch", "1", "--size", "64",
                               "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
                               "--warmup", "0", "--iters", "1", "--rotate", "1", "--json", str(out),
-                              "--markdown", str(md)])
+                              "--markdown", str(md), "--budget", "torch:1e6", "--falls-with-mask"])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["format"] == encoder_timing.FORMAT
@@ -66,6 +66,8 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert "| torch | 0.50 |" in md.read_text()
     assert data["auto"] == {"picked": "torch", "error": None, "mask_ratio": 0.5, "fastest_measured": "torch",
                             "agrees": True}  # on the CPU auto has one candidate, and it was the one timed
+    assert [b["met"] for b in data["budgets"]] == [True] and data["falls_with_mask"] == []  # one ratio: nothing
+    assert "## Absolute goals" in md.read_text()
 
 
 def test_spark_steps_with_decoder_implementations_and_the_spark_target(tmp_path):
@@ -120,6 +122,23 @@ def test_targets_compare_medians_at_the_first_ratio():
     got = encoder_timing.check_targets(rows, [("torch", "dense", 1.5), ("torch", NOMASK, 2.0),
                                               ("triton", NOMASK, 2.0)], 0.6)
     assert [(t["measured_speedup"], t["met"]) for t in got] == [(2.0, True), (100 / 150, False), (None, None)]
+
+
+def test_absolute_budgets_and_the_fall_with_the_mask_ratio():
+    def row(backend, ratio, ms, gib=None):
+        return {"status": "ok", "case_kind": "encoder", "backend": backend, "mask_ratio": ratio, "median_ms": ms,
+                "peak_mem_bytes": None if gib is None else gib * 2 ** 30}
+    rows = [row(NOMASK, None, 30.0), row("dense", 0.6, 140.0), row("dense", 0.3, 139.0), row("dense", 0.9, 141.0),
+            row("triton", 0.6, 9.0, 2.0), row("triton", 0.3, 14.0, 3.0), row("triton", 0.9, 5.0, 1.0),
+            row("cuda", 0.6, 13.0, 2.0), row("cuda", 0.3, 12.0, 3.0)]
+    got = encoder_timing.check_budgets(rows, [("triton", 10.0, 2.5), ("triton", 10.0, 1.5), ("cuda", 12.0, None),
+                                              ("spconv", 12.0, None)], 0.6)
+    assert [b["met"] for b in got] == [True, False, False, None]  # fast but too much memory; too slow; not timed
+    assert got[0]["measured_gib"] == 2.0
+    falls = {f["backend"]: f["met"] for f in encoder_timing.check_falls_with_mask(rows)}
+    assert falls == {"triton": True, "cuda": False}  # the emulation is not held to it
+    with pytest.raises(SystemExit):
+        encoder_timing.parse_args(["--budget", "triton:fast", "--json", "x.json"])
 
 
 def test_encoder_timing_times_convnext_and_skips_backends_without_its_ops(tmp_path):
