@@ -404,7 +404,9 @@ def markdown(result: dict[str, Any]) -> str:
     if profiled:
         lines += ["", "## Where the time goes", ""]
         for r in profiled:
-            lines += profile_markdown(f"{r['backend']}, mask {fmt(r['mask_ratio'], '.2f', '-')}", r["kernel_profile"])
+            what = "" if r.get("case_kind") != "spark" else f"SparK step, {r.get('decoder_impl')} decoder, "
+            lines += profile_markdown(f"{what}{r['backend']}, mask {fmt(r['mask_ratio'], '.2f', '-')}",
+                                      r["kernel_profile"])
     return "\n".join(lines) + "\n"
 
 
@@ -622,7 +624,9 @@ def main(argv=None) -> int:
                 return spark_workload(profile, backend, ratio, impl)
         t0 = time.monotonic()
         try:
-            kernels = args.profile_kernels > 0 and kind == "encoder" and ratio in (None, args.ratios[0])
+            # kernel profiles: every encoder at the first ratio; SparK steps on the decoder backend (each decoder)
+            kernels = args.profile_kernels > 0 and (kind == "encoder" and ratio in (None, args.ratios[0])
+                                                    or kind == "spark" and name == decoder_backend)
             if args.isolate:
                 row = {**base, **run_isolated(args, name, ratio)}
                 if row.get("status") != "ok":

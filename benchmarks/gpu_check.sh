@@ -143,9 +143,9 @@ stage timing $TIMING_CAP "$PY benchmarks/encoder_timing.py $TIMING_ARGS $TIMING_
 
 # --- the whole SparK step (issue 13, items 3 and 4): backends, then the decoder alternatives --------
 if [[ "$SMOKE" == 1 ]]; then
-  SPARK_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96 --backends dense,torch --decoder-impls eager,subpixel,channels-last"
+  SPARK_ARGS="--device cpu --arch resnet18 --batch 2 --size 64 --mask-ratios 0.6 --precision fp32 --warmup 1 --iters 2 --rotate 1 --decoder-width 96 --profile-kernels 4 --profile-steps 1 --backends dense,torch --decoder-impls eager,subpixel,channels-last"
 else
-  SPARK_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2 --decoder-width 768 --decoder-impls eager,channels-last,subpixel,compiled,compiled+subpixel+channels-last"
+  SPARK_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2 --decoder-width 768 --profile-kernels 12 --profile-steps 2 --decoder-impls eager,channels-last,subpixel,compiled,compiled+subpixel+channels-last"
 fi
 SPARK_CAP=130
 stage spark $SPARK_CAP "$PY benchmarks/encoder_timing.py $SPARK_ARGS --spark --no-encoder --spark-target 4 --deadline-s $(( SPARK_CAP - 40 )) --json $OUT/spark_step.json --markdown $OUT/spark_step.md"

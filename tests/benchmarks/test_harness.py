@@ -78,6 +78,7 @@ def test_spark_steps_with_decoder_implementations_and_the_spark_target(tmp_path)
                               "--mask-ratios", "0.5", "--backends", "dense,torch", "--precision", "fp32",
                               "--warmup", "0", "--iters", "1", "--rotate", "1", "--decoder-width", "64", "--spark",
                               "--no-encoder", "--decoder-impls", "eager,subpixel", "--spark-target", "1000",
+                              "--profile-kernels", "3", "--profile-steps", "1",
                               "--json", str(out), "--markdown", str(tmp_path / "spark.md")])
     assert rc == 3  # nothing on a CPU is 1000x faster than the emulation
     data = json.loads(out.read_text())
@@ -94,6 +95,8 @@ def test_spark_steps_with_decoder_implementations_and_the_spark_target(tmp_path)
     assert "auto" not in data
     text = (tmp_path / "spark.md").read_text()
     assert "## The whole SparK step" in text and "185 images/s per A100" in text and "**no**" in text
+    assert "SparK step, subpixel decoder, torch" in text  # where the time goes, per decoder on the decoder backend
+    assert "kernel_profile" not in data["results"][0]  # the emulation's step is not profiled
 
 
 def test_spark_summary_picks_the_fastest_step_and_decoder():
