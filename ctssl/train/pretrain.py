@@ -487,7 +487,7 @@ class _Run:
         if not self.cfg.eval_data or self.last_eval_step == step:
             return
         self._check_finite(method, step)  # NaN weights are reported as such, not as a chance-level accuracy
-        t0 = time.perf_counter()
+        paused_before = self.throughput.paused_seconds
         with self.throughput.paused():
             if self.ctx.is_main:
                 result = self.evaluator.evaluate(method.backbone)
@@ -498,7 +498,8 @@ class _Run:
                 plot_eval_curve(self.out / LOG_FILE, self.out / EVAL_CURVE,
                                 title=f"{self.cfg.method} online evaluation ({self.evaluator.k}-NN)")
             barrier(self.ctx)
-        self.window.start += time.perf_counter() - t0  # the next logged images/s is of training alone
+        # the next logged images/s is of training alone (one clock: the throughput's own pause)
+        self.window.start += self.throughput.paused_seconds - paused_before
         self.last_eval_step = step
 
     def _vis_batch(self):
