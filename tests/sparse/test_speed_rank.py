@@ -89,7 +89,7 @@ def test_auto_picks_the_measured_fastest_not_the_first_listed(fresh, monkeypatch
     pick = explain_auto("cpu")
     assert pick.candidates == ("slow", "quick") and pick.ranking.family == "resnet"
     assert list(pick.ranking.times_ms) == ["quick", "slow"]
-    assert pick.ranking.times_ms["slow"] > 2 * 1e3 * DELAY > pick.ranking.times_ms["quick"]
+    assert pick.ranking.times_ms["slow"] > 2 * 1e3 * DELAY  # two convs a step, each delayed
     assert pick.ranking.device == device_cache.device_name("cpu")
     assert pick.reason() == f"measured on {pick.ranking.device}: {pick.ranking.summary()}"
 
@@ -134,7 +134,7 @@ def test_check_false_measures_nothing_but_uses_a_cached_ranking(fresh, monkeypat
     monkeypatch.setattr(backends, "AUTO_ORDER_CPU", ("slow", "quick"))
     pick = explain_auto("cpu", check=False)
     assert pick.backend.name == "slow" and pick.ranking is None  # nothing known: the listed order
-    assert pick.reason().startswith("not measured yet: the first of slow, quick as listed")
+    assert pick.reason() == "not measured yet: the first of slow, quick as listed (`ctssl-backends --check` measures them)"
     assert fresh.measured == [] and not fresh.dir.exists()
     assert auto_backend("cpu").name == "quick"
     monkeypatch.setattr(speed_rank, "_rankings", {})

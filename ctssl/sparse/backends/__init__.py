@@ -111,7 +111,7 @@ class AutoPick:
     """The device's name (``ctssl.sparse.device_cache.device_name``)."""
     candidates: tuple[str, ...]
     """The backends ``auto`` chose among (usable, with the ops, self-check not failed), in listed order."""
-    ranking: "speed_rank.Ranking | None" = None
+    ranking: speed_rank.Ranking | None = None
     """Their measured step times; None when nothing was measured (one candidate, or ``check=False`` and none
     cached)."""
     failed_checks: tuple = ()
@@ -123,12 +123,12 @@ class AutoPick:
         if self.ranking is not None:
             skipped += [f"{name} failed while timed ({error})" for name, error in self.ranking.errors.items()]
         if not self.candidates:
-            why = f"no other backend can run here, so {self.backend.name}"
+            why = f"none of auto's candidates can run here: {self.backend.name}, the fallback"
         elif len(self.candidates) == 1:
             why = f"nothing measured: {self.candidates[0]} is the only backend auto can use on this device"
         elif self.ranking is None:
             why = (f"not measured yet: the first of {', '.join(self.candidates)} as listed "
-                   f"(`ctssl-backends --check` or auto's first use with checks measures them)")
+                   f"(`ctssl-backends --check` measures them)")
         elif not self.ranking.times_ms:
             why = f"every candidate failed while timed on {self.device}"
         else:
@@ -171,6 +171,7 @@ def _usable_for_training(backend: Backend, device: torch.device) -> bool:
 
 def _auto(device, check: bool, ops, fresh: bool, stacklevel: int) -> AutoPick:
     from .. import self_check, speed_rank
+    from ..device_cache import device_name
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     failed, candidates = [], []
@@ -198,7 +199,7 @@ def _auto(device, check: bool, ops, fresh: bool, stacklevel: int) -> AutoPick:
     if chosen is None:
         errors = ranking.errors if ranking is not None else {}
         chosen = next((b for b in candidates if b.name not in errors), None) or _select("torch", None)
-    pick = AutoPick(chosen, self_check.device_name(dev), tuple(names), ranking, tuple(failed))
+    pick = AutoPick(chosen, device_name(dev), tuple(names), ranking, tuple(failed))
     for verdict in failed:
         if ("self-check", verdict.backend, verdict.device) not in _warned:
             _warned.add(("self-check", verdict.backend, verdict.device))
