@@ -134,7 +134,8 @@ def test_check_false_measures_nothing_but_uses_a_cached_ranking(fresh, monkeypat
     monkeypatch.setattr(backends, "AUTO_ORDER_CPU", ("slow", "quick"))
     pick = explain_auto("cpu", check=False)
     assert pick.backend.name == "slow" and pick.ranking is None  # nothing known: the listed order
-    assert pick.reason() == "not measured yet: the first of slow, quick as listed (`ctssl-backends --check` measures them)"
+    assert pick.reason() == ("not measured yet: the first of slow, quick as listed "
+                             "(`ctssl-backends --check` measures them)")
     assert fresh.measured == [] and not fresh.dir.exists()
     assert auto_backend("cpu").name == "quick"
     monkeypatch.setattr(speed_rank, "_rankings", {})
