@@ -189,3 +189,20 @@ def test_cli_check_prints_the_times_and_why_auto_picked(fresh, monkeypatch, caps
     assert cli([]) == 0  # without --check: the cached times, nothing measured again
     assert capsys.readouterr().out.splitlines()[-1] == lines[-1]
     assert len(fresh.measured) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ops", [None, CONVNEXT_OPS], ids=["resnet", "convnext"])
+def test_on_a_gpu_every_candidate_runs_the_timed_step_and_the_fastest_is_picked(monkeypatch, tmp_path, ops):
+    """The real workload (bf16 autocast, channels-last, stage-1 size) on the GPU's backends."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(self_check, "_verdicts", {})
+    monkeypatch.setattr(speed_rank, "_rankings", {})
+    pick = explain_auto("cuda", ops=ops)
+    if len(pick.candidates) < 2:
+        pytest.skip(f"needs two usable backends on the GPU (triton, cuda, spconv); usable: {pick.candidates}")
+    ranking = pick.ranking
+    assert ranking.family == speed_rank.family(ops) and not ranking.cached
+    assert ranking.errors == {} and set(ranking.times_ms) == set(pick.candidates)
+    assert pick.backend.name == min(ranking.times_ms, key=ranking.times_ms.get)
+    assert pick.reason() == f"measured on {torch.cuda.get_device_name()}: {ranking.summary()}"
