@@ -34,6 +34,8 @@ from .self_check import error_line
 KIND = "speed-rank"
 MASK_RATIO = 0.6
 """SparK's mask ratio: the share of patches hidden in the timed step."""
+CUDA_AUTOCAST = torch.bfloat16
+"""The GPU step's autocast dtype: the training recipe's (``ctssl-train --amp auto``)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def _stepper(net: nn.Module, images: torch.Tensor, active: torch.Tensor, backend
 
     def step():
         x = images.detach().requires_grad_()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=CUDA_AUTOCAST, enabled=cuda):
             out = model(sparse_input(x, active, backend, patch_size=work.patch, check_finite=False)).to_dense()
         out.float().sum().backward()
         for p in model.parameters():
@@ -265,5 +267,5 @@ def cache_dir():
     return device_cache.cache_dir(KIND)
 
 
-__all__ = ["CPU_WORKLOADS", "CUDA_WORKLOADS", "FAMILIES", "MASK_RATIO", "Ranking", "Workload", "cache_dir",
-           "cached_ranking", "family", "measure", "rank", "record", "workload"]
+__all__ = ["CPU_WORKLOADS", "CUDA_AUTOCAST", "CUDA_WORKLOADS", "FAMILIES", "MASK_RATIO", "Ranking", "Workload",
+           "cache_dir", "cached_ranking", "family", "measure", "rank", "record", "workload"]

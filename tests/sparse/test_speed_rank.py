@@ -96,6 +96,8 @@ def test_auto_picks_the_measured_fastest_not_the_first_listed(fresh, monkeypatch
     assert pick.ranking.times_ms["slow"] > 2 * 1e3 * DELAY  # two convs a step, each delayed
     assert pick.ranking.device == device_cache.device_name("cpu")
     assert pick.reason() == f"measured on {pick.ranking.device}: {pick.ranking.summary()}"
+    record = json.loads(json.dumps(pick.as_dict()))  # what a benchmark stores
+    assert record["backend"] == "quick" and record["ranking"]["times_ms"] == pick.ranking.times_ms
 
 
 def test_times_are_cached_on_disk_and_reused_until_the_versions_change(fresh, monkeypatch):

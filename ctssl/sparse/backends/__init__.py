@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,6 +134,12 @@ class AutoPick:
         else:
             why = f"measured on {self.device}: {self.ranking.summary()}"
         return why + "".join(f"; {s}" for s in skipped)
+
+    def as_dict(self) -> dict:
+        """The pick as plain data (e.g. for a benchmark's JSON record)."""
+        return {"backend": self.backend.name, "device": self.device, "candidates": list(self.candidates),
+                "ranking": None if self.ranking is None else asdict(self.ranking),
+                "failed_checks": [asdict(v) for v in self.failed_checks], "reason": self.reason()}
 
 
 def auto_backend(device: torch.device | str | None = None, *, check: bool = True, ops=None) -> Backend:
