@@ -8,7 +8,8 @@ backward (output, image gradient, every parameter gradient, running statistics),
 the ``dense`` reference in float64 on the same device. The verdict is kept in memory and on disk
 (``$XDG_CACHE_HOME/ctssl/self-check/``, default ``~/.cache/ctssl``), keyed by backend, device name,
 ctssl, torch, CUDA and triton versions and a fingerprint of ctssl's files (a changed kernel is
-checked again). A backend that fails is skipped by ``auto`` with one warning naming the failure.
+checked again; the rule, shared with ``speed_rank``: ``device_cache``). A backend that fails is skipped by
+``auto`` with one warning naming the failure.
 """
 from __future__ import annotations
 
