@@ -8,22 +8,20 @@ backward (output, image gradient, every parameter gradient, running statistics),
 the ``dense`` reference in float64 on the same device. The verdict is kept in memory and on disk
 (``$XDG_CACHE_HOME/ctssl/self-check/``, default ``~/.cache/ctssl``), keyed by backend, device name,
 ctssl, torch, CUDA and triton versions and a fingerprint of ctssl's files (a changed kernel is
-checked again). A backend that fails is skipped by ``auto`` with one warning naming the failure.
+checked again; the rule, shared with ``speed_rank``: ``device_cache``). A backend that fails is skipped by
+``auto`` with one warning naming the failure.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..atomic import write_json
+from . import device_cache
+from .device_cache import device_name
 
 TOLERANCE = 1e-2
 """Largest relative error accepted: float32 (TF32 on GPUs) against float64. A wrong kernel is off by far more."""
@@ -44,13 +42,6 @@ class Verdict:
     cached: bool = False
 
 
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.machine() or 'unknown'})"
-
-
 def run_self_check(backend, device: torch.device | str = "cpu", forward_only: bool | None = None) -> Verdict:
     """Check ``backend`` (a Backend) on ``device`` against dense; never raises (a crash is a failed check).
 
@@ -66,9 +57,15 @@ def run_self_check(backend, device: torch.device | str = "cpu", forward_only: bo
         error = None if errors[worst] <= TOLERANCE else (
             f"{worst} differs from dense by {errors[worst]:.3g} (relative; tolerance {TOLERANCE:g})")
     except Exception as exc:  # noqa: BLE001 (any failure of the backend fails its check)
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        error = error_line(exc)
     return Verdict(backend.name, device_name(device), error is None, time.perf_counter() - start, error,
                    forward_only)
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters): how a backend's failure is reported."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def _network(convnext: bool):
@@ -135,50 +132,14 @@ def _errors(backend, device: torch.device, forward_only: bool) -> dict[str, floa
     return errors
 
 
-# --- verdict cache ------------------------------------------------------------------------------
+# --- verdict cache (the rule: ctssl.sparse.device_cache) -------------------------------------------
+
+KIND = "self-check"
+
 
 def cache_dir() -> Path:
     """Where verdicts are kept: ``$XDG_CACHE_HOME/ctssl/self-check`` (``~/.cache`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ctssl" / "self-check"
-
-
-def _versions() -> dict:
-    import ctssl
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"ctssl": ctssl.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton_version, "files": _fingerprint()}
-
-
-def _fingerprint() -> str:
-    """Size and modification time of ctssl's sources and compiled extension: a changed kernel is rechecked."""
-    import ctssl
-
-    roots = [Path(ctssl.__file__).parent]
-    kernels = getattr(ctssl, "kernels", None)
-    if kernels is not None and getattr(kernels, "__file__", None):
-        roots.append(Path(kernels.__file__).parent)
-    digest = hashlib.sha1()
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if path.suffix in (".py", ".so", ".pyd") and path.is_file():
-                st = path.stat()
-                digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _key(backend_name: str, device: torch.device) -> dict:
-    return {"backend": backend_name, "device": device_name(device), **_versions()}
-
-
-def _path(key: dict) -> Path:
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir() / f"{key['backend']}-{digest}.json"
+    return device_cache.cache_dir(KIND)
 
 
 def cached_verdict(backend, device: torch.device | str) -> Verdict | None:
@@ -187,12 +148,8 @@ def cached_verdict(backend, device: torch.device | str) -> Verdict | None:
     mem = (backend.name, device_name(device))
     if mem in _verdicts:
         return _verdicts[mem]
-    key = _key(backend.name, device)
-    try:
-        stored = json.loads(_path(key).read_text())
-    except (OSError, ValueError):
-        return None
-    if stored.get("key") != key:
+    stored = device_cache.load(KIND, backend.name, device_cache.key(device, backend=backend.name))
+    if stored is None:
         return None
     verdict = Verdict(**{**stored["verdict"], "cached": True})
     _verdicts[mem] = verdict
@@ -203,13 +160,8 @@ def record(backend, device: torch.device | str, verdict: Verdict) -> None:
     """Keep ``verdict`` in memory and on disk (written atomically; an unwritable cache is only not kept)."""
     device = torch.device(device)
     _verdicts[(backend.name, device_name(device))] = verdict
-    key = _key(backend.name, device)
-    path = _path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "verdict": {**asdict(verdict), "cached": False}}, indent=1)
-    except OSError:
-        pass
+    device_cache.store(KIND, backend.name, device_cache.key(device, backend=backend.name),
+                       {"verdict": {**asdict(verdict), "cached": False}})
 
 
 def check(backend, device: torch.device | str) -> Verdict:
@@ -221,5 +173,5 @@ def check(backend, device: torch.device | str) -> Verdict:
     return verdict
 
 
-__all__ = ["TOLERANCE", "Verdict", "cache_dir", "cached_verdict", "check", "device_name", "record",
+__all__ = ["TOLERANCE", "Verdict", "cache_dir", "cached_verdict", "check", "device_name", "error_line", "record",
            "run_self_check"]

@@ -61,7 +61,8 @@ def test_cli_says_what_auto_picks(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert backends([]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"auto picks: cpu -> {auto_backend('cpu').name}; cuda -> (no GPU visible)"
+    assert last == ("auto picks: cpu -> torch (nothing measured: torch is the only backend auto can use on this "
+                    "device); cuda -> (no GPU visible)")
     assert auto_backend("cpu").name == "torch"
 
 
