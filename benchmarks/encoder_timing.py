@@ -399,7 +399,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"`--backend auto` picks {auto['picked'] or 'nothing (' + str(auto['error']) + ')'} here; "
                       f"the fastest encoder measured in this run at mask {fmt(auto['mask_ratio'], '.2f')}: "
                       f"{auto['fastest_measured'] or 'none'}"
-                      + ("" if auto["agrees"] is None else (" (agrees)" if auto["agrees"] else " (**differs**)"))]
+                      + ("" if auto["agrees"] is None else (" (agrees)" if auto["agrees"] else " (**differs**)"))
+                      + ("" if not auto.get("reason") else f"; auto's reason: {auto['reason']}")]
     profiled = [r for r in result["results"] if r.get("status") == "ok" and "kernel_profile" in r]
     if profiled:
         lines += ["", "## Where the time goes", ""]
@@ -496,23 +497,27 @@ def plan(args, names, decoder_backend: str | None = None):
     return jobs
 
 
-def auto_pick(device: torch.device, ops) -> tuple[str | None, str | None]:
-    """What ``--backend auto`` picks on ``device`` for an encoder with ``ops``: (name, None) or (None, why not)."""
-    from ctssl.sparse import get_backend
+def auto_pick(device: torch.device, ops) -> tuple[str | None, str | None, dict | None]:
+    """What ``--backend auto`` picks on ``device`` for an encoder with ``ops`` (its self-checks and timing run now
+    unless cached): (name, None, the pick with its candidates, measured times and reason) or (None, why not, None)."""
+    from ctssl.sparse.backends import explain_auto
     try:
-        return get_backend("auto", device, ops=ops).name, None
+        explained = explain_auto(device, ops=ops)
+        return explained.backend.name, None, explained.as_dict()
     except Exception as exc:  # noqa: BLE001 - recorded, not fatal
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}", None
 
 
-def auto_record(rows: list[dict[str, Any]], picked: str | None, error: str | None, ratio: float) -> dict[str, Any]:
-    """What ``auto`` picked beside the fastest masked encoder this run measured at ``ratio`` (the emulation and the
-    unmasked baseline are not candidates)."""
+def auto_record(rows: list[dict[str, Any]], picked: str | None, error: str | None, explained: dict | None,
+                ratio: float) -> dict[str, Any]:
+    """What ``auto`` picked (and why: ``explained``) beside the fastest masked encoder this run measured at
+    ``ratio`` (the emulation and the unmasked baseline are not candidates)."""
     timed = [r for r in rows if r.get("status") == "ok" and r.get("case_kind") == "encoder"
              and r.get("mask_ratio") == ratio and r["backend"] not in (EMULATION, NOMASK)]
     fastest = min(timed, key=lambda r: r["median_ms"])["backend"] if timed else None
     return {"picked": picked, "error": error, "mask_ratio": ratio, "fastest_measured": fastest,
-            "agrees": None if picked is None or fastest is None else picked == fastest}
+            "agrees": None if picked is None or fastest is None else picked == fastest,
+            "reason": None if explained is None else explained["reason"], "explained": explained}
 
 
 def spark_summary(rows: list[dict[str, Any]], baseline_impl: str, required: float) -> dict[str, Any] | None:
@@ -583,12 +588,13 @@ def main(argv=None) -> int:
           f"{'^3' if dims == 3 else 'px'}, {args.precision}, backends {', '.join(names)}", flush=True)
     start = time.monotonic()
     from ctssl.sparse import get_backend
-    picked, pick_error = None, None
+    pick = None
     decoder_backend, decoder_backend_error = None, None
     if args.spark and len(args.impls) > 1:
         decoder_backend = args.decoder_backend
         if decoder_backend == "auto":
-            picked, pick_error = auto_pick(profile.device, ops)
+            pick = auto_pick(profile.device, ops)
+            picked, pick_error, _ = pick
             decoder_backend, decoder_backend_error = picked, pick_error
         result["config"]["decoder_backend"] = decoder_backend
         if decoder_backend is None:
@@ -657,9 +663,7 @@ def main(argv=None) -> int:
     if args.spark:
         result["spark_step"] = spark_summary(result["results"], args.impls[0], args.spark_target)
     if not args.no_encoder:
-        result["auto"] = auto_record(result["results"], *(auto_pick(profile.device, ops) if picked is None
-                                                          and pick_error is None else (picked, pick_error)),
-                                     args.ratios[0])
+        result["auto"] = auto_record(result["results"], *(pick or auto_pick(profile.device, ops)), args.ratios[0])
     write(result, args)
     print(markdown(result), flush=True)
     bad = [r for r in result["results"] if r.get("status") == "error" or r.get("loss_check") == "MISMATCH"

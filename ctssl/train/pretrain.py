@@ -249,15 +249,17 @@ class _Run:
         self.store = open_store(cfg)
         self.dataset = pretrain_dataset(cfg, self.store)  # its transform comes from the method, built below
         self.plan = make_plan(cfg, len(self.dataset), ctx.world_size)
-        from ctssl.sparse import get_backend
+        if cfg.backend != "auto":  # auto always finds one; it is resolved below, once the encoder's ops are known
+            from ctssl.sparse import get_backend
 
-        get_backend(cfg.backend, self.device, training=True)  # BackendUnavailableError: unknown, unusable, no backward
+            get_backend(cfg.backend, self.device, training=True)  # BackendUnavailableError: unknown, unusable
         self.amp_dtype = amp_dtype(cfg, self.device)
         if self.resumed is None and not overwrite and ((self.out / LAST).exists() or (self.out / FINAL).exists()):
             raise ConfigError(f"{self.out} already holds a run ({LAST}); resume it with --resume, "
                               f"or choose another --out (or pass --overwrite)")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.method = build_method(cfg, self.plan)
+        self.backend_pick = self._resolve_auto_backend()
         self.init_lines = apply_init(self.method, cfg, resuming=self.resumed is not None,
                                      log=print if ctx.is_main else None)  # --init: before the optimizer exists
         try:
@@ -265,6 +267,27 @@ class _Run:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._build_evaluator()
+
+    def _resolve_auto_backend(self) -> str | None:
+        """SparK's ``auto`` resolved once, on rank 0 (its self-check and timing run there), and that backend set on
+        every rank: ranks timing on their own could pick differently when two backends are close. Returns what
+        the start line says (None: nothing to resolve). The run's config keeps ``auto``, so a resume elsewhere
+        picks again."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.method != "spark" or cfg.backend != "auto":
+            return None
+        pick = None
+        if ctx.is_main:
+            from ctssl.sparse.backends import explain_auto
+
+            name = self.method.engine(self.device).name  # with SparK's own rule for volumes
+            explained = explain_auto(self.device, check=False, ops=self.method.backbone.sparse_ops)  # cached now
+            why = (explained.reason() if explained.backend.name == name else
+                   f"auto's pick {explained.backend.name} takes no volumes, so {name} runs them")
+            pick = (name, why)
+        name, why = broadcast_object(ctx, pick)
+        self.method.backend = name
+        return f"auto -> {name} ({why})"
 
     def _check_wandb(self) -> None:
         """``--wandb`` without the wandb package: ConfigError naming the extra to install."""
@@ -369,7 +392,8 @@ class _Run:
             amp = "off" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
             progress.write(f"{cfg.method} {cfg.arch}: {plan.dataset_len} images, {plan.steps_per_epoch} steps/epoch, "
                            f"{plan.total_steps} steps, global batch {plan.global_batch} on {ctx.world_size} "
-                           f"process(es), peak lr {plan.peak_lr:.3g}, {self.device}, backend {cfg.backend}, "
+                           f"process(es), peak lr {plan.peak_lr:.3g}, {self.device}, "
+                           f"backend {self.backend_pick or cfg.backend}, "
                            f"amp {amp}" + (f"; resuming at step {step}" if step else ""))
         window = self.window = _Window(self.device)
         throughput = self.throughput = Throughput(plan.global_batch)

@@ -64,8 +64,9 @@ def test_encoder_timing_cli_on_cpu(tmp_path):
     assert rows["torch"]["loss_check"] == "ok"  # same weights, same input: the same loss as the emulation
     assert rows["torch"]["visible_fraction"] == 0.5
     assert "| torch | 0.50 |" in md.read_text()
-    assert data["auto"] == {"picked": "torch", "error": None, "mask_ratio": 0.5, "fastest_measured": "torch",
-                            "agrees": True}  # on the CPU auto has one candidate, and it was the one timed
+    auto = data["auto"]  # on the CPU auto has one candidate, and it was the one timed
+    assert (auto["picked"], auto["error"], auto["fastest_measured"], auto["agrees"]) == ("torch", None, "torch", True)
+    assert auto["explained"]["candidates"] == ["torch"] and "nothing measured" in auto["reason"]
     assert [b["met"] for b in data["budgets"]] == [True] and data["falls_with_mask"] == []  # one ratio: nothing
     assert "## Absolute goals" in md.read_text()
 

@@ -246,3 +246,28 @@ def test_a_toy_run_on_the_cpu_gets_no_size_warning(pretrain_store, tmp_path, cap
     assert main(["--method", "spark", "--preset", "toy", "--no-progress", "--data", str(pretrain_store), "--out",
                  str(tmp_path / "run"), "--steps", "1", "--set", "hparams.decoder_width=64"]) == 0
     assert "sized for a GPU" not in capsys.readouterr().err
+
+
+def test_auto_backend_is_resolved_once_on_rank_0_and_shared(pretrain_store, tiny_config, tmp_path, monkeypatch):
+    """SparK's ``auto`` becomes one named backend before training: rank 0 picks (self-check and timing run there)
+    and every rank takes its pick, so ranks never run different backends; the run's config keeps ``auto``."""
+    from ctssl.sparse import backends
+    from ctssl.train.distributed import DistContext
+
+    cfg = tiny_config("spark", pretrain_store, tmp_path / "main", backend="auto")
+    run = pretrain._Run(cfg, DistContext(), None, False)
+    assert run.method.backend == "torch" and cfg.backend == "auto"
+    assert run.backend_pick == ("auto -> torch (nothing measured: torch is the only backend auto can use on "
+                                "this device)")
+
+    def not_on_rank_1(*args, **kwargs):
+        raise AssertionError("only rank 0 resolves auto")
+
+    shared = []
+    monkeypatch.setattr(backends, "explain_auto", not_on_rank_1)
+    monkeypatch.setattr(pretrain, "broadcast_object", lambda ctx, obj: shared.append(obj) or ("dense", "rank 0's"))
+    other = pretrain._Run(tiny_config("spark", pretrain_store, tmp_path / "rank1", backend="auto"),
+                          DistContext(rank=1, world_size=2), None, False)
+    assert shared == [None] and other.method.backend == "dense" and other.backend_pick == "auto -> dense (rank 0's)"
+    named = pretrain._Run(tiny_config("spark", pretrain_store, tmp_path / "named"), DistContext(), None, False)
+    assert named.backend_pick is None and named.method.backend == "torch"  # a named backend is used as named
