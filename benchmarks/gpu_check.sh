@@ -147,7 +147,7 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   SPARK_ARGS="--device cuda --arch resnet50 --batch 128 --size 224 --mask-ratios 0.6 --precision bf16 --channels-last --warmup 3 --iters 10 --rotate 2 --decoder-width 768 --profile-kernels 12 --profile-steps 2 --decoder-impls eager,channels-last,subpixel,compiled,compiled+subpixel+channels-last"
 fi
-SPARK_CAP=130
+SPARK_CAP=150
 stage spark $SPARK_CAP "$PY benchmarks/encoder_timing.py $SPARK_ARGS --spark --no-encoder --spark-target 4 --deadline-s $(( SPARK_CAP - 40 )) --json $OUT/spark_step.json --markdown $OUT/spark_step.md"
 
 # --- memory checking of the CUDA kernels ---------------------------------------
