@@ -4,7 +4,7 @@
 # plus cumm) exceed the device tool's 64 MiB carry limit, so the GPU run uses spconv-triton.
 #
 #   bash scripts/fetch_gpu_wheels.sh        # writes .whl/ (git-ignored)
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # gpu_check.sh installs every wheel in .whl/ with --no-deps into a side directory on PYTHONPATH.
 set -euo pipefail

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tarfile
 
 import encoder_timing
 import pytest
@@ -218,6 +220,42 @@ def test_gpu_check_scripts_parse():
     for script in (os.path.join(HERE, "gpu_check.sh"), os.path.join(HERE, "volume_cpu.sh"),
                    os.path.join(HERE, "..", "scripts", "fetch_gpu_wheels.sh")):
         assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0, script
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+def test_gpu_check_returns_three_files_and_reruns_what_it_left_undone(tmp_path):
+    """A CPU rehearsal of one stage. The device brings back at most 8 files from $OUT: gpu_check leaves there only
+    its log, the summary and one tarball of every result. A stage cut by the budget is recorded, and
+    CTSSL_GPU_CHECK_ONLY=rerun on the same machine runs only it."""
+    out = tmp_path / "out"
+
+    def gpu_check(**env):
+        if out.exists():
+            shutil.rmtree(out)  # the device empties $OUT before every command
+        env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "CTSSL_GPU_CHECK_SMOKE": "1",
+               "TMPDIR": str(tmp_path), **env}
+        proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    cut = gpu_check(CTSSL_GPU_CHECK_ONLY="timing", CTSSL_GPU_CHECK_BUDGET_S="14")  # too little for any stage
+    assert "| timing | skipped: budget spent |" in (out / "summary.md").read_text()
+    assert "left undone: env timing" in cut
+
+    rerun = gpu_check(CTSSL_GPU_CHECK_ONLY="rerun")
+    assert "rerun of: env timing" in rerun and "left undone: nothing" in rerun
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "gpu_check_results.tar.gz", "summary.md"]
+    with tarfile.open(out / "gpu_check_results.tar.gz") as tar:
+        names = {os.path.normpath(n) for n in tar.getnames()}
+        data = json.load(tar.extractfile("./encoder_timing.json"))
+    assert {"encoder_timing.json", "encoder_timing.md", "summary.md", "gpu_check.log"} <= names
+    assert data["format"] == encoder_timing.FORMAT and any(r["status"] == "ok" for r in data["results"])
+    summary = (out / "summary.md").read_text()
+    assert "| timing | rc 0 |" in summary and "| spark | not selected |" in summary
+    assert "tar -xzf <files_at>/gpu_check_results.tar.gz -C benchmarks/results/" in rerun
+
+    assert "the last run left nothing undone" in gpu_check(CTSSL_GPU_CHECK_ONLY="rerun")
 
 
 def test_a_registered_backend_is_benchmarked_without_an_edit(monkeypatch):
