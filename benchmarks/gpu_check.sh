@@ -8,8 +8,8 @@
 #   CTSSL_GPU_CHECK_ONLY=rerun bash benchmarks/gpu_check.sh   # on the same (warm) machine: only the stages
 #                                           # the last run left undone (failed, timed out, budget spent)
 #
-# Stages (each under its own `timeout`, all inside CTSSL_GPU_CHECK_BUDGET_S, default 510 s; give the
-# device call timeout_s=570):
+# Stages (each under its own `timeout`, all inside CTSSL_GPU_CHECK_BUDGET_S, default 480 s; give the
+# device call timeout_s=540):
 #   env        nvidia-smi, python/torch/triton/nvcc versions, git commit
 #   wheels     pip install --target of any wheels carried in .whl/ (spconv-triton, say)
 #   build      pip install --no-build-isolation --no-deps -e . (CUDA_HOME, TORCH_CUDA_ARCH_LIST=9.0)
