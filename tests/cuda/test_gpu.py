@@ -166,6 +166,22 @@ def _encoder_run(model, images, active, backend, weights, autocast=False):
     return [mp.detach() for mp in maps], x.grad, {n: p.grad for n, p in m.named_parameters()}
 
 
+def _float64_truth(model, images, active, gen):
+    """The float64 dense run of ``model`` on ``images`` (the maps weighted by draws from ``gen``), the weights, and a
+    function giving another run's relative error in each map, the image gradient and every parameter gradient."""
+    model64 = copy.deepcopy(model).double()
+    shapes = [mp.shape for mp in model64.forward_masked(images.double(), active, "dense")]
+    weights = [torch.randn(s, generator=gen, dtype=torch.float64).to(images.device) for s in shapes]
+    truth = _encoder_run(model64, images.double(), active, "dense", weights)
+    names = [n for n in truth[2] if truth[2][n] is not None]
+
+    def errors(out):
+        errs = [rel_err(a, b) for a, b in zip(out[0], truth[0])] + [rel_err(out[1], truth[1])]
+        return torch.tensor(errs + [rel_err(out[2][n], truth[2][n]) for n in names])
+
+    return truth, weights, errors
+
+
 def test_resnet50_encoder_matches_float64():
     """float32 cuda backend vs float64 dense truth, judged next to the float32 torch backend's own error."""
     gen = torch.Generator().manual_seed(6)
@@ -173,15 +189,7 @@ def test_resnet50_encoder_matches_float64():
     model = create_resnet("resnet50").cuda().train()
     images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
     active = edge_masks(4, 4, 4, gen)[1].cuda()
-    model64 = copy.deepcopy(model).double()
-    shapes = [mp.shape for mp in model64.forward_masked(images.double(), active, "dense")]
-    weights = [torch.randn(s, generator=gen, dtype=torch.float64).cuda() for s in shapes]
-    truth = _encoder_run(model64, images.double(), active, "dense", weights)
-
-    def errors(out):
-        errs = [rel_err(a, b) for a, b in zip(out[0], truth[0])] + [rel_err(out[1], truth[1])]
-        return torch.tensor(errs + [rel_err(out[2][n], truth[2][n]) for n in truth[2]])
-
+    truth, weights, errors = _float64_truth(model, images, active, gen)
     e_torch = errors(_encoder_run(model, images, active, "torch", weights))
     e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
     assert e_cuda[:4].max() < 1e-3
@@ -203,16 +211,7 @@ def test_convnext_tiny_encoder_matches_float64():
             p.add_(torch.randn(p.shape, generator=gen).cuda() * 0.05)
     images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
     active = edge_masks(4, 4, 4, gen)[1].cuda()
-    model64 = copy.deepcopy(model).double()
-    shapes = [mp.shape for mp in model64.forward_masked(images.double(), active, "dense")]
-    weights = [torch.randn(s, generator=gen, dtype=torch.float64).cuda() for s in shapes]
-    truth = _encoder_run(model64, images.double(), active, "dense", weights)
-    names = [n for n in truth[2] if truth[2][n] is not None]
-
-    def errors(out):
-        errs = [rel_err(a, b) for a, b in zip(out[0], truth[0])] + [rel_err(out[1], truth[1])]
-        return torch.tensor(errs + [rel_err(out[2][n], truth[2][n]) for n in names])
-
+    truth, weights, errors = _float64_truth(model, images, active, gen)
     e_torch = errors(_encoder_run(model, images, active, "torch", weights))
     e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
     assert e_cuda[:4].max() < 1e-3
