@@ -147,16 +147,18 @@ def test_spark_with_subpixel_decoder_has_the_eager_loss_and_gradients():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["channels-last", "subpixel", "compiled", "compiled+subpixel+channels-last"])
+@pytest.mark.parametrize("impl", ["channels-last", "subpixel", "compiled+subpixel+channels-last"])
 def test_alternatives_on_the_gpu_in_bf16_match_eager(impl):
     """The GPU recipe (bf16 autocast, channels-last model): each alternative against the eager decoder on the same
-    card, at the paper's width; bf16 bounds the agreement (about 1e-2 relative), a wrong phase would be O(1)."""
+    card, at the paper's width; bf16 bounds the agreement (about 1e-2 relative), a wrong phase would be O(1).
+    One compile only (every option at once; compiling costs seconds of the GPU check's budget); the spark stage
+    of gpu_check.sh also checks each variant's loss against the emulation's."""
     torch.manual_seed(0)
     eager = LightDecoder(768, out_chans=3).cuda().to(memory_format=torch.channels_last)
     other = LightDecoder(768, out_chans=3, impl=impl).cuda().to(memory_format=torch.channels_last)
     other.load_state_dict(eager.state_dict())
     g = torch.Generator(device="cuda").manual_seed(1)
-    feats = [torch.randn(8, 768 // 2 ** i, 7 * 2 ** i, 7 * 2 ** i, device="cuda", generator=g) for i in range(4)]
+    feats = [torch.randn(4, 768 // 2 ** i, 7 * 2 ** i, 7 * 2 ** i, device="cuda", generator=g) for i in range(4)]
     outs = []
     for decoder in (eager, other):
         with torch.autocast("cuda", dtype=torch.bfloat16):
