@@ -588,19 +588,18 @@ def main(argv=None) -> int:
           f"{'^3' if dims == 3 else 'px'}, {args.precision}, backends {', '.join(names)}", flush=True)
     start = time.monotonic()
     from ctssl.sparse import get_backend
-    pick = None
-    decoder_backend, decoder_backend_error = None, None
+    pick = None  # auto's (name, error, explanation), asked once
+    decoder_backend = None
     if args.spark and len(args.impls) > 1:
         decoder_backend = args.decoder_backend
         if decoder_backend == "auto":
             pick = auto_pick(profile.device, ops)
-            picked, pick_error, _ = pick
-            decoder_backend, decoder_backend_error = picked, pick_error
+            decoder_backend = pick[0]
         result["config"]["decoder_backend"] = decoder_backend
         if decoder_backend is None:
             result["results"] += [{"case_kind": "spark", "backend": "auto", "mask_ratio": args.ratios[0],
                                    "decoder_impl": impl, "case": f"SparK step ({args.arch}, {impl} decoder)",
-                                   "status": "skipped", "reason": f"auto picks no backend: {decoder_backend_error}"}
+                                   "status": "skipped", "reason": f"auto picks no backend: {pick[1]}"}
                                   for impl in args.impls[1:]]
     for kind, name, ratio, impl in plan(args, names, decoder_backend):
         base = {"case_kind": kind, "backend": name, "mask_ratio": ratio,

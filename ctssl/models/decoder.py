@@ -24,7 +24,6 @@ DECODER_IMPLS = ("eager", "channels-last", "subpixel", "compiled")
 """The decoder's implementations; ``eager`` is plain PyTorch, the others combine with ``+``."""
 
 
-
 def parse_decoder_impl(spec: str) -> frozenset[str]:
     """``"compiled+subpixel"`` -> ``{"compiled", "subpixel"}``; ``eager`` alone is the empty set."""
     parts = [p.strip() for p in str(spec).split("+") if p.strip()]
@@ -128,7 +127,7 @@ class LightDecoder(nn.Module):
             raise ValueError(f"LightDecoder: width {width} must be divisible by 2**num_blocks = {2 ** num_blocks}")
         _, conv, _ = decoder_layers(spatial_dims)
         self.impl = impl
-        options = parse_decoder_impl(impl)
+        self.options = options = parse_decoder_impl(impl)
         self.spatial_dims = spatial_dims
         self.channels_last = "channels-last" in options
         self.widths = [width // 2 ** i for i in range(num_blocks + 1)]
@@ -144,7 +143,7 @@ class LightDecoder(nn.Module):
     def __setstate__(self, state) -> None:
         """A copy (``copy.deepcopy``, pickle) of a compiled decoder is compiled too (torch drops the compiled call)."""
         super().__setstate__(state)
-        if "compiled" in parse_decoder_impl(self.impl) and getattr(self, "_compiled_call_impl", None) is None:
+        if "compiled" in self.options and getattr(self, "_compiled_call_impl", None) is None:
             self.compile()
 
     def reset_parameters(self) -> None:

@@ -58,6 +58,10 @@ class FinetuneError(ConfigError):
     """A fine-tuning input problem the user can fix (missing file, wrong arch, unknown fraction): exit code 2."""
 
 
+SPARK_FIELDS = ("mask_ratio", "decoder_impl")
+"""Config fields that set a SparK hparam of the same name (None: the method's default); other methods refuse them."""
+
+
 @dataclass
 class PretrainConfig:
     """Every setting of a pre-training run. Defaults are SparK's paper settings for ResNet-50.
@@ -203,14 +207,12 @@ class PretrainConfig:
             raise ConfigError(f"image_size must be a positive multiple of 32 (the patch size), got {self.image_size}")
         if self.spatial_dims == 3:
             self._validate_volumes()
-        if self.mask_ratio is not None:
-            if self.method != "spark":
-                raise ConfigError(f"mask_ratio applies to spark only, not to {self.method}")
-            if not 0.0 < self.mask_ratio < 1.0:
-                raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for name in SPARK_FIELDS:
+            if getattr(self, name) is not None and self.method != "spark":
+                raise ConfigError(f"{name} applies to spark only, not to {self.method}")
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.decoder_impl is not None:
-            if self.method != "spark":
-                raise ConfigError(f"decoder_impl applies to spark only, not to {self.method}")
             from ctssl.models.decoder import parse_decoder_impl
             try:
                 parse_decoder_impl(self.decoder_impl)

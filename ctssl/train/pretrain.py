@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from ..atomic import OutputError, check_output_dir, copy_file, remove_stale_temps, write_text
 from . import checkpoint as ckpt_io
 from .checkpoint import FINAL, FORMAT, LAST, VERSION, CheckpointError, load_checkpoint, save_atomic
-from .config import TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
+from .config import SPARK_FIELDS, TRAINER_HPARAMS, ConfigError, PretrainConfig, config_from_dict
 from .distributed import (
     DistContext,
     ResumableBatchSampler,
@@ -108,10 +108,7 @@ def method_hparams(cfg: PretrainConfig, defaults: dict[str, Any], plan: RunPlan 
         values["epochs"] = plan.epochs
         values["steps_per_epoch"] = plan.steps_per_epoch
     hparams = {k: v for k, v in values.items() if k in defaults}
-    if cfg.mask_ratio is not None:
-        hparams["mask_ratio"] = cfg.mask_ratio
-    if cfg.decoder_impl is not None:
-        hparams["decoder_impl"] = cfg.decoder_impl
+    hparams.update({name: getattr(cfg, name) for name in SPARK_FIELDS if getattr(cfg, name) is not None})
     hparams.update(cfg.hparams)
     return hparams
 
