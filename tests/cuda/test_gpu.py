@@ -166,6 +166,20 @@ def _encoder_run(model, images, active, backend, weights, autocast=False):
     return [mp.detach() for mp in maps], x.grad, {n: p.grad for n, p in m.named_parameters()}
 
 
+def _float32_matches_float64(model, gen, backend="cuda"):
+    """``backend`` in float32 against the float64 dense truth on 4 random 128 px images with edge masks, judged next
+    to the float32 torch backend's own error: maps within 1e-3, every map, the image gradient and every parameter
+    gradient within 10x torch's error. Returns (images, active, truth, weights) for further checks."""
+    images = torch.randn(4, 3, 128, 128, generator=gen).to(next(model.parameters()).device)
+    active = edge_masks(4, 4, 4, gen)[1].to(images.device)
+    truth, weights, errors = _float64_truth(model, images, active, gen)
+    e_torch = errors(_encoder_run(model, images, active, "torch", weights))
+    e_other = errors(_encoder_run(model, images, active, backend, weights))
+    assert e_other[:4].max() < 1e-3
+    assert (e_other <= 10 * e_torch + 1e-4).all(), (e_other - 10 * e_torch).max()
+    return images, active, truth, weights
+
+
 def _float64_truth(model, images, active, gen):
     """The float64 dense run of ``model`` on ``images`` (the maps weighted by draws from ``gen``), the weights, and a
     function giving another run's relative error in each map, the image gradient and every parameter gradient."""
@@ -187,13 +201,7 @@ def test_resnet50_encoder_matches_float64():
     gen = torch.Generator().manual_seed(6)
     torch.manual_seed(0)
     model = create_resnet("resnet50").cuda().train()
-    images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
-    active = edge_masks(4, 4, 4, gen)[1].cuda()
-    truth, weights, errors = _float64_truth(model, images, active, gen)
-    e_torch = errors(_encoder_run(model, images, active, "torch", weights))
-    e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
-    assert e_cuda[:4].max() < 1e-3
-    assert (e_cuda <= 10 * e_torch + 1e-4).all(), (e_cuda - 10 * e_torch).max()
+    images, active, truth, weights = _float32_matches_float64(model, gen)
     # bf16 autocast: finite and close in the forward
     out = _encoder_run(model, images, active, "cuda", weights, autocast=True)
     for a, b in zip(out[0], truth[0]):
@@ -209,13 +217,7 @@ def test_convnext_tiny_encoder_matches_float64():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).cuda() * 0.05)
-    images = torch.randn(4, 3, 128, 128, generator=gen).cuda()
-    active = edge_masks(4, 4, 4, gen)[1].cuda()
-    truth, weights, errors = _float64_truth(model, images, active, gen)
-    e_torch = errors(_encoder_run(model, images, active, "torch", weights))
-    e_cuda = errors(_encoder_run(model, images, active, "cuda", weights))
-    assert e_cuda[:4].max() < 1e-3
-    assert (e_cuda <= 10 * e_torch + 1e-4).all(), (e_cuda - 10 * e_torch).max()
+    images, active, truth, weights = _float32_matches_float64(model, gen)
     # bf16 autocast: finite, and as close to the truth as the torch backend's bf16 maps
     bf16 = {be: _encoder_run(model, images, active, be, weights, autocast=True)[0] for be in ("torch", "cuda")}
     assert all(torch.isfinite(a).all() for a in bf16["cuda"])
