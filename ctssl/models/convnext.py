@@ -15,7 +15,6 @@ positions stay 0 throughout.
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from ..sparse.backends.base import CONVNEXT_OPS
 from ..sparse.functional import scale_channels, to_channels_first, to_channels_last
 from ..sparse.modules import GELU, Conv2d, DropPath, LayerNorm, LayerNorm2d, Linear
 from .registry import masked_forward, register_encoder
+from .state_dicts import rename_key, unwrap_state_dict
 
 
 class Mlp(nn.Module):
@@ -189,23 +189,11 @@ def timm_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     Accepts the wrappers released checkpoints come in (``{"model": ...}``, ``{"module": ...}``,
     ``{"state_dict": ...}``) and a ``module.`` prefix (DDP).
     """
-    for wrapper in ("model", "module", "state_dict"):
-        inner = state_dict.get(wrapper) if isinstance(state_dict, Mapping) else None
-        if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            state_dict = inner
-            break
+    state_dict = unwrap_state_dict(state_dict) or state_dict
     out = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if not is_official_layout(out):
         return out
-    renamed = {}
-    for key, value in out.items():
-        for pattern, repl in _OFFICIAL_TO_TIMM:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                key = new
-                break
-        renamed[key] = value
-    return renamed
+    return {rename_key(key, _OFFICIAL_TO_TIMM): value for key, value in out.items()}
 
 
 # --- constructors --------------------------------------------------------------------------------

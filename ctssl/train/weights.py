@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from ..models.state_dicts import is_tensor_dict, rename_key, unwrap_state_dict
 from .checkpoint import FORMAT, VERSION, CheckpointError, is_ctssl_checkpoint, read_file
 from .config import ConfigError
 
@@ -122,7 +123,6 @@ class WeightsFile:
     meta: dict = field(default_factory=dict)
 
 
-_WRAPPERS = ("model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 SPARK_ENCODER = "sparse_encoder.sp_cnn."
 _SPARK_DECODER = [  # SparK's UNet block: up_sample, then conv = (conv, BN, ReLU6, conv, BN); ctssl: one Sequential
@@ -133,22 +133,6 @@ _SPARK_DECODER = [  # SparK's UNet block: up_sample, then conv = (conv, BN, ReLU
     (r"^dense_decoder\.dec\.(\d+)\.conv\.4\.", r"decoder.blocks.\1.5."),
     (r"^dense_decoder\.proj\.", "decoder.proj."),
 ]
-
-
-def _tensor_dict(obj) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
-
-
-def _unwrap(obj):
-    """The state_dict inside a released file's wrapper dict (``model``, ``state_dict``, ``module``)."""
-    if _tensor_dict(obj):
-        return dict(obj)
-    if isinstance(obj, Mapping):
-        for key in _WRAPPERS:
-            if _tensor_dict(obj.get(key)):
-                return dict(obj[key])
-    return None
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,10 +155,7 @@ def spark_to_ctssl(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         if key.startswith(SPARK_ENCODER):
             backbone[key[len(SPARK_ENCODER):]] = value
             continue
-        for pattern, repl in _SPARK_DECODER:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
+        key = rename_key(key, _SPARK_DECODER)
         if re.fullmatch(r"mask_tokens\.\d+", key) and value.dim() == 4:
             value = value.reshape(-1)  # SparK: (1, C, 1, 1); ctssl: (C,)
         method[key] = value
@@ -202,14 +183,14 @@ def read_weights(path: str | os.PathLike, flag: str = "--init") -> WeightsFile:
         if obj.get("version") != VERSION:
             raise WeightsError(f"{where}: ctssl checkpoint version {obj.get('version')} is not supported "
                                f"(this ctssl reads version {VERSION})")
-        if not _tensor_dict(obj.get("backbone")):
+        if not is_tensor_dict(obj.get("backbone")):
             raise WeightsError(f"{where}: ctssl checkpoint has no usable 'backbone' state_dict")
-        model = obj.get("model") if _tensor_dict(obj.get("model")) else {}
+        model = obj.get("model") if is_tensor_dict(obj.get("model")) else {}
         method = {k: v for k, v in model.items() if not k.startswith("backbone.")}
         meta = {k: obj.get(k) for k in ("method", "arch", "in_chans", "step", "epoch", "config")}
         meta["format"] = FORMAT
         return WeightsFile(path, "ctssl-checkpoint", dict(obj["backbone"]), method, meta)
-    sd = _unwrap(obj)
+    sd = unwrap_state_dict(obj)
     if sd is None:
         what = (f"top-level keys: {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, Mapping)
                 else type(obj).__name__)
