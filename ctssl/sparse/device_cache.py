@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -98,4 +99,25 @@ def store(kind: str, label: str, key: dict, doc: dict) -> None:
         pass
 
 
-__all__ = ["cache_dir", "cache_root", "device_name", "fingerprint", "key", "load", "path", "store", "versions"]
+def recall(memory: dict, kind: str, label: str, device: torch.device | str, cls, field: str, **fields):
+    """The result (a ``cls`` dataclass with a ``cached`` flag) of ``kind`` about ``device`` with ``fields``: from
+    ``memory`` (this process), else from the disk (stored under ``field``, then kept in ``memory``); None if neither."""
+    mem = (label, device_name(device), json.dumps(fields, sort_keys=True))
+    if mem in memory:
+        return memory[mem]
+    stored = load(kind, label, key(device, **fields))
+    if stored is None:
+        return None
+    result = cls(**{**stored[field], "cached": True})
+    memory[mem] = result
+    return result
+
+
+def keep(memory: dict, kind: str, label: str, device: torch.device | str, result, field: str, **fields) -> None:
+    """Keep ``result`` (a dataclass) in ``memory`` and on disk under ``field``, as ``recall`` finds it."""
+    memory[(label, device_name(device), json.dumps(fields, sort_keys=True))] = result
+    store(kind, label, key(device, **fields), {field: {**asdict(result), "cached": False}})
+
+
+__all__ = ["cache_dir", "cache_root", "device_name", "fingerprint", "keep", "key", "load", "path", "recall", "store",
+           "versions"]

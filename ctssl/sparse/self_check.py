@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,24 +144,12 @@ def cache_dir() -> Path:
 
 def cached_verdict(backend, device: torch.device | str) -> Verdict | None:
     """The verdict already known for ``backend`` on ``device`` (this process, then the disk), or None."""
-    device = torch.device(device)
-    mem = (backend.name, device_name(device))
-    if mem in _verdicts:
-        return _verdicts[mem]
-    stored = device_cache.load(KIND, backend.name, device_cache.key(device, backend=backend.name))
-    if stored is None:
-        return None
-    verdict = Verdict(**{**stored["verdict"], "cached": True})
-    _verdicts[mem] = verdict
-    return verdict
+    return device_cache.recall(_verdicts, KIND, backend.name, device, Verdict, "verdict", backend=backend.name)
 
 
 def record(backend, device: torch.device | str, verdict: Verdict) -> None:
     """Keep ``verdict`` in memory and on disk (written atomically; an unwritable cache is only not kept)."""
-    device = torch.device(device)
-    _verdicts[(backend.name, device_name(device))] = verdict
-    device_cache.store(KIND, backend.name, device_cache.key(device, backend=backend.name),
-                       {"verdict": {**asdict(verdict), "cached": False}})
+    device_cache.keep(_verdicts, KIND, backend.name, device, verdict, "verdict", backend=backend.name)
 
 
 def check(backend, device: torch.device | str) -> Verdict:

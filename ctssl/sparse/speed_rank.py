@@ -221,34 +221,21 @@ def measure(backends: Sequence, device: torch.device | str, ops=None, *, work: W
 
 # --- the ranking cache (the rule: ctssl.sparse.device_cache) ------------------------------------
 
-def _memory_key(names: Sequence[str], device: torch.device, family_name: str) -> tuple:
-    return device_name(device), family_name, tuple(sorted(names))
-
-
-def _disk_key(names: Sequence[str], device: torch.device, family_name: str) -> dict:
-    return device_cache.key(device, family=family_name, candidates=sorted(names),
-                            workload=asdict(workload(device, family_name)))
+def _fields(names: Sequence[str], device: torch.device | str, family_name: str) -> dict:
+    """What a ranking is about, besides the device and versions: the family, the candidates, the workload."""
+    return {"family": family_name, "candidates": sorted(names), "workload": asdict(workload(device, family_name))}
 
 
 def cached_ranking(names: Sequence[str], device: torch.device | str, ops=None) -> Ranking | None:
     """The ranking already measured for the candidates ``names`` on ``device`` (this process, then the disk)."""
-    device, name = torch.device(device), family(ops)
-    mem = _memory_key(names, device, name)
-    if mem in _rankings:
-        return _rankings[mem]
-    stored = device_cache.load(KIND, name, _disk_key(names, device, name))
-    if stored is None:
-        return None
-    ranking = Ranking(**{**stored["ranking"], "cached": True})
-    _rankings[mem] = ranking
-    return ranking
+    name = family(ops)
+    return device_cache.recall(_rankings, KIND, name, device, Ranking, "ranking", **_fields(names, device, name))
 
 
 def record(names: Sequence[str], device: torch.device | str, ops, ranking: Ranking) -> None:
     """Keep ``ranking`` of the candidates ``names`` in memory and on disk."""
-    device, name = torch.device(device), family(ops)
-    _rankings[_memory_key(names, device, name)] = ranking
-    device_cache.store(KIND, name, _disk_key(names, device, name), {"ranking": {**asdict(ranking), "cached": False}})
+    name = family(ops)
+    device_cache.keep(_rankings, KIND, name, device, ranking, "ranking", **_fields(names, device, name))
 
 
 def rank(backends: Sequence, device: torch.device | str, ops=None, *, fresh: bool = False) -> Ranking:
